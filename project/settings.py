@@ -1,0 +1,108 @@
+"""Settings of the listdelivery demo site, every value from the environment.
+
+django-environ reads ``DATABASE_URL``, ``SECRET_KEY``, ``DEBUG`` and one
+``LISTDELIVERY_<KEY>`` variable per listdelivery setting. Values that need
+conversion (numbers, durations such as ``5d``) are passed on as text:
+listdelivery converts them and reports a bad one as a system-check error.
+"""
+
+from pathlib import Path
+
+import environ
+
+from listdelivery.conf import BOOLEAN_KEYS, DEFAULTS
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # optional; never committed
+
+SECRET_KEY = env.str("SECRET_KEY", default="insecure-development-key-change-me")
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "listdelivery",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "project.wsgi.application"
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes (deliver_pending, qcluster workers) share the file:
+    # take the write lock when a transaction starts, wait for it instead of
+    # failing, and let readers run beside the writer.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # A file, not memory, so that tests can start delivery subprocesses on it.
+    DATABASES["default"]["TEST"] = {
+        "NAME": env.str("TEST_DATABASE_PATH", default=str(BASE_DIR / ".test-db.sqlite3"))
+    }
+
+FIXTURE_DIRS = [BASE_DIR / "fixtures"]
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LISTDELIVERY = {}
+for _key in DEFAULTS:
+    _variable = f"LISTDELIVERY_{_key}"
+    if _variable in env:
+        LISTDELIVERY[_key] = env.bool(_variable) if _key in BOOLEAN_KEYS else env.str(_variable)
+# The dashboard says which values came from the environment.
+LISTDELIVERY_FROM_ENVIRONMENT = sorted(LISTDELIVERY)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "listdelivery": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    },
+}
