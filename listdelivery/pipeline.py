@@ -1,0 +1,172 @@
+"""The handlers of Mailman's posting pipeline that delivery depends on, under their names.
+
+``member_recipients`` fills in who gets a post, ``to_outgoing`` queues it, and
+``after_delivery`` moves the list's post counter on. ``msg`` is an
+``email.message.Message`` and ``msgdata`` a dict, as in Mailman.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from email.header import decode_header, make_header
+from email.message import Message
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from .models import DeliveryStatus, MailingList, Member, OutgoingMessage, OutgoingRecipient
+
+logger = logging.getLogger(__name__)
+
+INSERT_BATCH = 1000
+
+
+def member_recipients(mlist: MailingList, msg: Message, msgdata: dict[str, Any]) -> None:
+    """Set ``msgdata['recipients']`` to the members whose delivery is enabled.
+
+    As in Mailman, recipients already in ``msgdata`` (even an empty set) are left alone.
+    """
+    if "recipients" in msgdata:
+        return
+    msgdata["recipients"] = set(
+        Member.objects.filter(mailing_list=mlist, delivery_status=DeliveryStatus.ENABLED)
+        .values_list("address", flat=True)
+        .iterator(chunk_size=5000)
+    )
+
+
+def to_outgoing(
+    mlist: MailingList, msg: Message | bytes | str, msgdata: dict[str, Any], **extra: Any
+) -> OutgoingMessage:
+    """Queue ``msg`` for delivery to ``msgdata['recipients']`` and return its row.
+
+    ``extra`` keys (``verp=True``, ``sender=...``, ``tolist=True`` …) are merged
+    over ``msgdata`` into the row's metadata; neither argument is changed. Keys
+    starting with ``_`` are dropped, as Mailman's switchboard drops them.
+    Recipients that cannot be addresses (a line break, no domain) are recorded
+    as failed with the reason; the rest are queued.
+    """
+    metadata = {k: v for k, v in {**msgdata, **extra}.items() if not str(k).startswith("_")}
+    recipients = metadata.pop("recipients", None) or ()
+    metadata["listid"] = mlist.list_id
+    metadata = _json_safe(metadata)
+    raw = serialize(msg)
+    headers = _header_fields(raw)
+    due = _deliver_after(metadata) or timezone.now()
+    with transaction.atomic():
+        row = OutgoingMessage.objects.create(
+            mailing_list=mlist,
+            list_id=mlist.list_id,
+            message=raw,
+            message_id=headers["message-id"][:998],
+            subject=headers["subject"][:998],
+            metadata=metadata,
+            next_attempt_at=due,
+        )
+        OutgoingRecipient.objects.bulk_create(
+            _recipient_rows(row, unique_addresses(recipients)), batch_size=INSERT_BATCH
+        )
+    logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)
+    return row
+
+
+def after_delivery(mlist: MailingList, msg: Message, msgdata: dict[str, Any]) -> None:
+    """Count the post: ``post_id += 1`` and ``last_post_at = now``, in one atomic UPDATE."""
+    MailingList.objects.filter(pk=mlist.pk).update(
+        post_id=F("post_id") + 1, last_post_at=timezone.now()
+    )
+    mlist.refresh_from_db(fields=["post_id", "last_post_at"])
+
+
+def serialize(msg: Message | bytes | str) -> bytes:
+    """The post's bytes, exactly as they will go on the wire."""
+    if isinstance(msg, bytes):
+        return msg
+    if isinstance(msg, str):
+        return msg.encode("utf-8", "surrogateescape")
+    try:
+        return msg.as_bytes()
+    except (UnicodeError, LookupError):
+        return msg.as_string().encode("utf-8", "surrogateescape")
+
+
+def unique_addresses(addresses: Iterable[Any]) -> list[Any]:
+    """Recipients in sorted order, each once, whatever its case (the first spelling wins)."""
+    seen: dict[str, Any] = {}
+    for address in (
+        sorted(addresses, key=str) if isinstance(addresses, (set, frozenset)) else addresses
+    ):
+        seen.setdefault(str(address).casefold(), address)
+    return list(seen.values())
+
+
+def address_problem(address: Any) -> str | None:
+    """Why ``address`` cannot be an envelope address, or ``None``."""
+    if not isinstance(address, str):
+        return f"is not text but {type(address).__name__}"
+    if any(c in address for c in "\r\n\0"):
+        return "contains a line break (header injection)"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return "has no domain"
+    if any(c.isspace() or c in "<>,;" for c in address) or len(address) > 254:
+        return "is not a single address"
+    return None
+
+
+def _recipient_rows(row: OutgoingMessage, addresses: list[Any]) -> Iterable[OutgoingRecipient]:
+    failed = OutgoingRecipient.Status.FAILED
+    for address in addresses:
+        problem = address_problem(address)
+        if problem:
+            logger.warning(
+                "Not delivering %s to %r: the address %s", row.message_id or "n/a", address, problem
+            )
+            yield OutgoingRecipient(
+                message=row,
+                address=str(address)[:254],
+                status=failed,
+                smtp_message=f"invalid address: it {problem}",
+                finished_at=timezone.now(),
+            )
+        else:
+            yield OutgoingRecipient(message=row, address=address)
+
+
+def _header_fields(raw: bytes) -> dict[str, str]:
+    from email.parser import BytesHeaderParser
+
+    parsed = BytesHeaderParser().parsebytes(raw)
+    fields = {}
+    for name in ("message-id", "subject"):
+        value = parsed.get(name, "")
+        try:
+            value = str(make_header(decode_header(str(value))))
+        except (UnicodeError, LookupError, ValueError):
+            value = str(value)
+        fields[name] = " ".join(value.split())
+    return fields
+
+
+def _deliver_after(metadata: dict[str, Any]) -> datetime | None:
+    value = metadata.get("deliver_after")
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if isinstance(value, datetime):
+        return value if timezone.is_aware(value) else timezone.make_aware(value)
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_safe(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
