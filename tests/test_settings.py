@@ -1,0 +1,143 @@
+"""Settings: read at call time, converted once, and checked at start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from listdelivery import conf
+from listdelivery.checks import check_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ids(**values) -> list[str]:
+    with override_settings(LISTDELIVERY=values):
+        return [message.id for message in check_settings()]
+
+
+def test_defaults_are_mailmans():
+    with override_settings(LISTDELIVERY={}):
+        config = conf.get_config()
+    assert config["SMTP_HOST"] == "localhost"
+    assert config["SMTP_PORT"] == 25
+    assert config["MAX_RECIPIENTS"] == 10
+    assert config["MAX_SESSIONS_PER_CONNECTION"] == 0
+    assert config["DELIVERY_RETRY_PERIOD"] == timedelta(days=5)
+    assert config["VERP_FORMAT"] == "${bounces}+${local}=${domain}"
+    assert config["VERP_DELIVERY_INTERVAL"] == 0
+    assert config["VERP_PERSONALIZED_DELIVERIES"] is False
+
+
+def test_override_settings_takes_effect_at_once():
+    with override_settings(LISTDELIVERY={"MAX_RECIPIENTS": 3}):
+        assert conf.get("MAX_RECIPIENTS") == 3
+    with override_settings(LISTDELIVERY={"MAX_RECIPIENTS": 7}):
+        assert conf.get("MAX_RECIPIENTS") == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (timedelta(minutes=2), timedelta(minutes=2)),
+        (90, timedelta(seconds=90)),
+        (1.5, timedelta(seconds=1.5)),
+        ("5d", timedelta(days=5)),
+        ("15m", timedelta(minutes=15)),
+        ("30s", timedelta(seconds=30)),
+        ("2h", timedelta(hours=2)),
+        ("45", timedelta(seconds=45)),
+    ],
+)
+def test_durations_accept_timedeltas_seconds_and_mailmans_form(value, expected):
+    assert conf.parse_duration(value) == expected
+
+
+def test_a_good_configuration_passes_the_checks():
+    assert (
+        ids(SMTP_SECURE_MODE="STARTTLS", VERP_DELIVERY_INTERVAL="3", DELIVERY_RETRY_PERIOD="2d")
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"SMTP_SECURE_MODE": "tls"}, "listdelivery.E001"),
+        ({"VERP_DELIVERY_INTERVAL": -1}, "listdelivery.E002"),
+        ({"VERP_FORMAT": "${bounces}+${local}"}, "listdelivery.E003"),
+        ({"VERP_FORMAT": "${bounces}+${local}=${domain}@x"}, "listdelivery.E003"),
+        ({"VERP_FORMAT": "${bounces}${local}${domain}"}, "listdelivery.E003"),
+        ({"VERP_FORMAT": "${bounces}+${local}=${domain}+${nope}"}, "listdelivery.E003"),
+        ({"BULK_DELIVERY": "listdelivery.delivery.nowhere.Bulk"}, "listdelivery.E004"),
+        ({"INDIVIDUAL_DELIVERY": "listdelivery.conf.get"}, "listdelivery.E004"),
+        ({"DELIVERY_RETRY_PERIOD": "five days"}, "listdelivery.E005"),
+        ({"MAX_RECIPIENTS": "ten"}, "listdelivery.E005"),
+        ({"VERP_PERSONALIZED_DELIVERIES": "perhaps"}, "listdelivery.E005"),
+        ({"SMTP_CONNECTIONS": 0}, "listdelivery.E006"),
+        ({"SMTP_PORT": 70000}, "listdelivery.E006"),
+        ({"VERP_DELIMITER": "ab"}, "listdelivery.E007"),
+        ({"MAX_RECIPIENT": 5}, "listdelivery.W001"),
+        ({"LEASE_DURATION": 30, "SMTP_TIMEOUT": 60}, "listdelivery.W002"),
+        ({"SMTP_USER": "me"}, "listdelivery.W003"),
+    ],
+)
+def test_bad_values_are_reported_by_the_system_checks(values, expected):
+    assert expected in ids(**values)
+
+
+def test_a_typo_gets_a_suggestion():
+    with override_settings(LISTDELIVERY={"MAX_RECIPIENT": 5}):
+        (warning,) = check_settings()
+    assert warning.hint == "Did you mean 'MAX_RECIPIENTS'?"
+
+
+def test_reading_a_bad_value_names_the_setting():
+    with override_settings(LISTDELIVERY={"DELIVERY_RETRY_DELAY": "soon"}):
+        with pytest.raises(ImproperlyConfigured, match=r"LISTDELIVERY\['DELIVERY_RETRY_DELAY'\]"):
+            conf.get_config()
+
+
+def test_a_bad_password_value_never_appears_in_the_error():
+    with override_settings(LISTDELIVERY={"SMTP_PASSWORD": 12345678}):
+        messages = [m.msg for m in check_settings()]
+    assert messages and not any("12345678" in m for m in messages)
+
+
+def _manage(*args: str, **environment: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **environment}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_environment_variables_reach_the_settings():
+    result = _manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        "from listdelivery import conf; c = conf.get_config(); "
+        "print(c['DELIVERY_RETRY_PERIOD'], c['MAX_RECIPIENTS'], c['VERP_PERSONALIZED_DELIVERIES'])",
+        LISTDELIVERY_DELIVERY_RETRY_PERIOD="3d",
+        LISTDELIVERY_MAX_RECIPIENTS="25",
+        LISTDELIVERY_VERP_PERSONALIZED_DELIVERIES="yes",
+    )
+    assert result.stdout.strip() == "3 days, 0:00:00 25 True", result.stderr
+
+
+def test_a_bad_environment_value_stops_start_up_with_a_check_error():
+    result = _manage("check", LISTDELIVERY_SMTP_SECURE_MODE="tls")
+    assert result.returncode != 0
+    assert "listdelivery.E001" in result.stderr
