@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.message import Message
+from functools import partial
 from typing import Any
 
 from django.db import transaction
@@ -19,6 +20,8 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from . import tasks
+from .addresses import address_problem, unique_addresses
 from .models import DeliveryStatus, MailingList, Member, OutgoingMessage, OutgoingRecipient
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,9 @@ def to_outgoing(
         OutgoingRecipient.objects.bulk_create(
             _recipient_rows(row, unique_addresses(recipients)), batch_size=INSERT_BATCH
         )
+        if tasks.tasks_enabled():
+            # robust: a broker that is down must not fail the post; the sweep delivers it.
+            transaction.on_commit(partial(tasks.enqueue_delivery, row.pk), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)
     return row
 
@@ -93,30 +99,6 @@ def serialize(msg: Message | bytes | str) -> bytes:
         return msg.as_bytes()
     except (UnicodeError, LookupError):
         return msg.as_string().encode("utf-8", "surrogateescape")
-
-
-def unique_addresses(addresses: Iterable[Any]) -> list[Any]:
-    """Recipients in sorted order, each once, whatever its case (the first spelling wins)."""
-    seen: dict[str, Any] = {}
-    for address in (
-        sorted(addresses, key=str) if isinstance(addresses, (set, frozenset)) else addresses
-    ):
-        seen.setdefault(str(address).casefold(), address)
-    return list(seen.values())
-
-
-def address_problem(address: Any) -> str | None:
-    """Why ``address`` cannot be an envelope address, or ``None``."""
-    if not isinstance(address, str):
-        return f"is not text but {type(address).__name__}"
-    if any(c in address for c in "\r\n\0"):
-        return "contains a line break (header injection)"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "has no domain"
-    if any(c.isspace() or c in "<>,;" for c in address) or len(address) > 254:
-        return "is not a single address"
-    return None
 
 
 def _recipient_rows(row: OutgoingMessage, addresses: list[Any]) -> Iterable[OutgoingRecipient]:

@@ -33,6 +33,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf
+from .addresses import address_problem
 from .delivery import BaseDelivery, Post, Recipient
 from .models import (
     BounceEvent,
@@ -42,7 +43,6 @@ from .models import (
     OutgoingRecipient,
     Personalization,
 )
-from .pipeline import address_problem
 from .smtp import Outcome, SMTPPool
 
 logger = logging.getLogger(__name__)
