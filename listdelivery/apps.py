@@ -8,4 +8,9 @@ class ListDeliveryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
         from . import checks  # noqa: F401  (registers the system checks)
+        from .tasks import ensure_sweep_schedule
+
+        post_migrate.connect(ensure_sweep_schedule, sender=self)

@@ -12,6 +12,9 @@ Ids are stable and documented in the README:
 - ``listdelivery.W001`` an unknown key in ``LISTDELIVERY`` (a typo is otherwise silent).
 - ``listdelivery.W002`` ``LEASE_DURATION`` is not longer than ``SMTP_TIMEOUT``.
 - ``listdelivery.W003`` only one of ``SMTP_USER`` and ``SMTP_PASSWORD`` is set.
+- ``listdelivery.W004`` ``django_q`` is not in ``INSTALLED_APPS``: only ``deliver_pending`` delivers.
+- ``listdelivery.E008`` ``Q_CLUSTER['retry']`` is not longer than its ``timeout``.
+- ``listdelivery.E009`` ``Q_CLUSTER`` would retry a failing task forever.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from django.apps import apps
+from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
@@ -139,3 +144,37 @@ def _delivery_class_problem(path: str) -> str | None:
     if not (isinstance(cls, type) and issubclass(cls, BaseDelivery)):
         return f"{path!r} is not a subclass of listdelivery.delivery.base.BaseDelivery."
     return None
+
+
+@checks.register()
+def check_cluster(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    if not apps.is_installed("django_q"):
+        return [
+            _warning(
+                "django_q is not in INSTALLED_APPS: posts are delivered only when someone runs "
+                "manage.py deliver_pending.",
+                4,
+                hint="Add 'django_q' to INSTALLED_APPS and run manage.py qcluster.",
+            )
+        ]
+    cluster = getattr(settings, "Q_CLUSTER", {}) or {}
+    found: list[checks.CheckMessage] = []
+    timeout, retry = cluster.get("timeout"), cluster.get("retry", 60)
+    if timeout is None or retry <= timeout:
+        found.append(
+            checks.Error(
+                f"Q_CLUSTER['retry'] ({retry}) must be longer than Q_CLUSTER['timeout'] ({timeout}).",
+                hint="Otherwise the broker hands a task that is still running to a second worker.",
+                id="listdelivery.E008",
+            )
+        )
+    if not cluster.get("max_attempts") and not cluster.get("ack_failures"):
+        found.append(
+            checks.Error(
+                "Q_CLUSTER would retry a failing task forever (max_attempts 0, ack_failures off).",
+                hint="Set 'max_attempts': 1 and 'ack_failures': True: listdelivery retries the "
+                "post itself, from its row.",
+                id="listdelivery.E009",
+            )
+        )
+    return found

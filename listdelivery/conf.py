@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_DURATION": timedelta(minutes=5),
     "CHECKPOINT_EVERY": 100,
     "CLAIM_BATCH": 20,
+    "ENQUEUE_TASKS": True,
     "SITE_OWNER": "changeme@example.com",
 }
 

@@ -28,7 +28,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "listdelivery",
+    "listdelivery",  # before django_q: its qinfo masks secrets in --config
+    "django_q",
 ]
 
 MIDDLEWARE = [
@@ -78,6 +79,46 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 
 FIXTURE_DIRS = [BASE_DIR / "fixtures"]
+
+# django-q2 runs delivery (python manage.py qcluster). The embedded default is
+# its ORM broker on the database above; Q_BROKER=redis with REDIS_URL switches
+# to Redis for clusters on several machines. Every machine of one cluster
+# needs the same SECRET_KEY (tasks are signed with it) and Q_CLUSTER_NAME.
+Q_BROKER = env.str("Q_BROKER", default="orm")
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+Q_CLUSTER = {
+    "name": env.str("Q_CLUSTER_NAME", default="listdelivery"),
+    "workers": env.int("Q_WORKERS", default=2),
+    # One task is one runner pass over everything due. The runner renews its
+    # lease on a post after every batch, so a task stopped by the timeout
+    # repeats at most one batch; ten minutes is ample for a pass.
+    "timeout": env.int("Q_TIMEOUT", default=600),
+    # Longer than the timeout, or a broker hands a still-running task out again.
+    "retry": env.int("Q_RETRY", default=900),
+    # The row, not the task, carries retries: a failed task is recorded and
+    # acknowledged, never re-run, and the row's own schedule takes over.
+    "max_attempts": 1,
+    "ack_failures": True,
+    # After downtime the sweep runs once, not once per missed minute.
+    "catch_up": False,
+    "save_limit": 1000,
+    "label": "Delivery tasks",
+}
+if Q_BROKER == "redis":
+    Q_CLUSTER["redis"] = REDIS_URL
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+else:
+    Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["poll"] = 0.5
+    # qinfo and the cluster's monitor share statistics through the cache.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": env.str("CACHE_DIR", default=str(BASE_DIR / ".cache")),
+        }
+    }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

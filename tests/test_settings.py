@@ -141,3 +141,52 @@ def test_a_bad_environment_value_stops_start_up_with_a_check_error():
     result = _manage("check", LISTDELIVERY_SMTP_SECURE_MODE="tls")
     assert result.returncode != 0
     assert "listdelivery.E001" in result.stderr
+
+
+def cluster_ids(**cluster) -> list[str]:
+    from listdelivery.checks import check_cluster
+
+    with override_settings(Q_CLUSTER=cluster):
+        return [message.id for message in check_cluster()]
+
+
+def test_the_demo_cluster_configuration_passes():
+    from django.conf import settings
+
+    assert cluster_ids(**settings.Q_CLUSTER) == []
+
+
+def test_a_retry_not_longer_than_the_timeout_is_an_error():
+    assert "listdelivery.E008" in cluster_ids(timeout=600, retry=600, max_attempts=1)
+    assert "listdelivery.E008" in cluster_ids(retry=600, max_attempts=1)
+
+
+def test_a_task_retried_forever_is_an_error():
+    assert "listdelivery.E009" in cluster_ids(timeout=60, retry=120)
+    assert "listdelivery.E009" not in cluster_ids(
+        timeout=60, retry=120, max_attempts=0, ack_failures=True
+    )
+
+
+def test_without_django_q_the_checks_warn_that_only_deliver_pending_delivers():
+    from django.conf import settings
+
+    from listdelivery.checks import check_cluster
+
+    apps_without_q = [a for a in settings.INSTALLED_APPS if a != "django_q"]
+    with override_settings(INSTALLED_APPS=apps_without_q):
+        assert [m.id for m in check_cluster()] == ["listdelivery.W004"]
+
+
+def test_qinfo_config_masks_secrets():
+    result = _manage(
+        "qinfo",
+        "--config",
+        SECRET_KEY="top-secret-key-42",
+        Q_BROKER="redis",
+        REDIS_URL="redis://:hunter2@127.0.0.1:6379/0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "REDIS: redis://:********@127.0.0.1:6379/0" in result.stdout
+    assert "top-secret-key-42" not in result.stdout + result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
