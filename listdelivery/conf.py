@@ -48,7 +48,6 @@ DEFAULTS: dict[str, Any] = {
     "CHECKPOINT_EVERY": 100,
     "CLAIM_BATCH": 20,
     "ENQUEUE_TASKS": True,
-    "SITE_OWNER": "changeme@example.com",
 }
 
 DURATION_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, timedelta))
