@@ -434,6 +434,9 @@ class OutgoingRunner:
             Status.RETRY,
             f"{still_open} recipients to retry; last reply: {last_reply or 'none'}",
         )
+        if post_failure:
+            verb = "Holding" if status == Status.HELD else "Will retry"
+            logger.error("%s %s: %s", verb, _label(row), reason)
         self._finish(
             row,
             token,
@@ -498,8 +501,6 @@ class OutgoingRunner:
             Status.DISCARDED: "discarded",
         }[status]
         setattr(summary, counter, getattr(summary, counter) + 1)
-        if status == Status.HELD:
-            logger.error("Holding %s: %s", _label(row), error)
 
     def _log_delivery(
         self,
