@@ -39,6 +39,9 @@ DEFAULTS: dict[str, Any] = {
     "VERP_FORMAT": "${bounces}+${local}=${domain}",
     "VERP_PERSONALIZED_DELIVERIES": False,
     "VERP_DELIVERY_INTERVAL": 0,
+    # Bounce scoring (Mailman's list defaults).
+    "BOUNCE_SCORE_THRESHOLD": 5,
+    "BOUNCE_INFO_STALE_AFTER": timedelta(days=7),
     # Delivery modules, by dotted path.
     "BULK_DELIVERY": "listdelivery.delivery.bulk.BulkDelivery",
     "INDIVIDUAL_DELIVERY": "listdelivery.delivery.individual.IndividualDelivery",

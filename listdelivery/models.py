@@ -90,6 +90,8 @@ class Member(models.Model):
         choices=DeliveryStatus.choices,
         default=DeliveryStatus.ENABLED,
     )
+    bounce_score = models.PositiveIntegerField(_("bounce score"), default=0)
+    last_bounce_received = models.DateField(_("last bounce"), null=True, blank=True)
     created_at = models.DateTimeField(_("subscribed"), auto_now_add=True)
 
     class Meta:
@@ -223,6 +225,9 @@ class BounceEvent(models.Model):
         _("context"), max_length=20, choices=Context.choices, default=Context.NORMAL
     )
     created_at = models.DateTimeField(_("time"), default=timezone.now, db_index=True)
+    processed = models.BooleanField(
+        _("scored"), default=False, help_text=_("Counted in the member's bounce score.")
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

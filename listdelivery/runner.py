@@ -34,6 +34,7 @@ from django.utils.module_loading import import_string
 
 from . import conf
 from .addresses import address_problem
+from .bounces import score_bounces
 from .delivery import BaseDelivery, Post, Recipient
 from .models import (
     BounceEvent,
@@ -189,6 +190,8 @@ class OutgoingRunner:
                     self._process_safely(row, token, modules, summary)
                     if self.on_post:
                         self.on_post(row, summary)
+        if summary.bounced:
+            score_bounces()
         summary.seconds = time.monotonic() - began
         return summary
 
