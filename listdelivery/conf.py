@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     # Bounce scoring (Mailman's list defaults).
     "BOUNCE_SCORE_THRESHOLD": 5,
     "BOUNCE_INFO_STALE_AFTER": timedelta(days=7),
+    # RFC 8058 one-click unsubscribe on personalized copies (off while the URL is empty).
+    "UNSUBSCRIBE_BASE_URL": "",
+    "UNSUBSCRIBE_TOKEN_MAX_AGE": timedelta(days=90),
     # Delivery modules, by dotted path.
     "BULK_DELIVERY": "listdelivery.delivery.bulk.BulkDelivery",
     "INDIVIDUAL_DELIVERY": "listdelivery.delivery.individual.IndividualDelivery",

@@ -16,6 +16,26 @@ def validate_list_address(value: str) -> None:
         raise ValidationError(_("Enter a posting address such as test@example.com."))
 
 
+def _site_template(name: str) -> str:
+    from django.template import TemplateDoesNotExist
+    from django.template.loader import get_template
+
+    try:
+        return get_template(name).template.source
+    except TemplateDoesNotExist:
+        return ""
+
+
+def default_header() -> str:
+    """The site-wide header for new lists: the template ``listdelivery/header.txt``."""
+    return _site_template("listdelivery/header.txt")
+
+
+def default_footer() -> str:
+    """The site-wide footer for new lists: the template ``listdelivery/footer.txt``."""
+    return _site_template("listdelivery/footer.txt")
+
+
 class Personalization(models.TextChoices):
     NONE = "none", _("No personalization")
     INDIVIDUAL = "individual", _("One copy per member")
@@ -45,6 +65,24 @@ class MailingList(models.Model):
         _("post counter"), default=1, help_text=_("Number of the next post; drives VERP intervals.")
     )
     last_post_at = models.DateTimeField(_("last post at"), null=True, blank=True)
+    header = models.TextField(
+        _("header"),
+        blank=True,
+        default=default_header,
+        help_text=_(
+            "Put before each post. Mailman's $names: $display_name, $listname, "
+            "$user_address, $user_name_or_address, $unsubscribe_url …"
+        ),
+    )
+    footer = models.TextField(
+        _("footer"),
+        blank=True,
+        default=default_footer,
+        help_text=_("Put after each post; as the header."),
+    )
+    archive_url = models.URLField(
+        _("archive URL"), blank=True, help_text=_("Sent as the List-Archive header when set.")
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
 
     class Meta:
@@ -76,6 +114,24 @@ class MailingList(models.Model):
     @property
     def leave_address(self) -> str:
         return f"{self.list_name}-leave@{self.mail_host}"
+
+    def variables(self) -> dict[str, str]:
+        """Mailman's list substitutions for decoration (``$display_name``, ``$listname`` …)."""
+        local, domain = self.list_name, self.mail_host
+        return {
+            "display_name": self.display_name,
+            "listname": self.address,
+            "fqdn_listname": self.address,
+            "list_name": local,
+            "short_listname": local,
+            "list_id": self.list_id,
+            "domain": domain,
+            "mail_host": domain,
+            "request_email": f"{local}-request@{domain}",
+            "owner_email": f"{local}-owner@{domain}",
+            "description": "",
+            "info": "",
+        }
 
 
 class Member(models.Model):

@@ -1,23 +1,25 @@
-"""Per-recipient copies made on bytes, at the header level.
+"""Per-recipient copies made on bytes.
 
-Mailman deep-copies and re-serializes the whole message for every recipient;
-here the serialized post is split once around its ``To:`` header, and each
-copy is the two halves joined around a new ``To:`` line.
+Mailman deep-copies and re-serializes the whole message for every recipient.
+Here the post is prepared once — ``To:`` replaced by a marker, list headers
+added, header and footer attached with markers for the member's values — and
+split at the markers; each copy is the pieces joined around that member's
+values.
 """
 
 from __future__ import annotations
 
-import re
 from email.header import Header
 from email.utils import formataddr
 from typing import Protocol
 
-_TO_LINE = re.compile(rb"^to[ \t]*:", re.IGNORECASE)
+from .decorate import MARKER, Decoration, header_fields, join, marker, split
 
 
 class Addressee(Protocol):
     address: str
     display_name: str
+    member_id: int | None
 
 
 def format_to(address: str, display_name: str = "") -> str:
@@ -32,29 +34,45 @@ def format_to(address: str, display_name: str = "") -> str:
     return formataddr((name, "x@x")).replace("<x@x>", f"<{address}>")
 
 
-class MessageTemplate:
-    """The serialized post, ready to receive a different ``To:`` per recipient."""
+def replace_to(message: bytes, value: str) -> bytes:
+    """Replace the first ``To:`` field (Mailman's ``replace_header``), or add one at the end."""
+    eol, lines, body = split(message)
+    fields = header_fields(lines)
+    line = f"To: {value}".encode() + eol
+    index = next((i for i, (name, _) in enumerate(fields) if name == "to"), None)
+    if index is None:
+        return join(eol, lines + [line], body)
+    fields[index] = ("to", [line])
+    return join(eol, (part for _, group in fields for part in group), body)
 
-    def __init__(self, message: bytes) -> None:
-        eol = b"\r\n" if b"\r\n" in message[: message.find(b"\n") + 1] else b"\n"
-        end = message.find(eol + eol)
-        headers, rest = (
-            (message, b"") if end < 0 else (message[: end + len(eol)], message[end + len(eol) :])
-        )
-        lines = headers.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if _TO_LINE.match(line)), None)
-        if start is None:
-            self.before, self.after = headers, rest
-            if headers and not headers.endswith(b"\n"):
-                self.before += eol
-        else:
-            stop = start + 1
-            while stop < len(lines) and lines[stop][:1] in (b" ", b"\t"):
-                stop += 1
-            self.before = b"".join(lines[:start])
-            self.after = b"".join(lines[stop:]) + rest
-        self.eol = eol
 
-    def addressed_to(self, recipient: Addressee) -> bytes:
-        line = format_to(recipient.address, recipient.display_name).encode("utf-8")
-        return b"".join((self.before, b"To: ", line, self.eol, self.after))
+class PersonalTemplate:
+    """The post, ready to become each recipient's own copy."""
+
+    def __init__(self, message: bytes, decoration: Decoration | None, *, rewrite_to: bool) -> None:
+        self.message, self.decoration, self.rewrite_to = message, decoration, rewrite_to
+        prepared = replace_to(message, marker("to")) if rewrite_to else message
+        if decoration:
+            prepared = decoration.apply(prepared, personal=True)
+        pieces = MARKER.split(prepared)
+        self.literals = pieces[0::2]
+        self.slots = [name.decode() for name in pieces[1::2]]
+        # A footer with very long lines is quoted-printable: markers would not survive it.
+        self.splice = not any(b"=00LD:" in literal for literal in self.literals)
+
+    def render(self, recipient: Addressee) -> bytes:
+        values = {"to": format_to(recipient.address, recipient.display_name)}
+        if self.decoration:
+            values.update(
+                self.decoration.member_values(
+                    recipient.address, recipient.display_name, recipient.member_id
+                )
+            )
+        if not self.splice:
+            message = replace_to(self.message, values["to"]) if self.rewrite_to else self.message
+            return self.decoration.apply(message, personal=True, member=values)
+        out = [self.literals[0]]
+        for slot, literal in zip(self.slots, self.literals[1:], strict=True):
+            out.append(values[slot].encode("utf-8"))
+            out.append(literal)
+        return b"".join(out)

@@ -29,12 +29,14 @@ from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Count, F, Q
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from . import conf
 from .addresses import address_problem
 from .bounces import score_bounces
+from .decorate import Decoration, list_headers
 from .delivery import BaseDelivery, Post, Recipient
 from .models import (
     BounceEvent,
@@ -285,6 +287,7 @@ class OutgoingRunner:
             personalize=mlist.personalize,
             list_address=mlist.address,
             metadata=metadata,
+            decoration=self._decoration(mlist, metadata),
         )
         individual = post.verp or mlist.personalize != Personalization.NONE
         module = modules["INDIVIDUAL_DELIVERY" if individual else "BULK_DELIVERY"]
@@ -293,7 +296,7 @@ class OutgoingRunner:
         refusals: list[tuple[str, int | None, str]] = []
         post_failure = None
         for batch in self._open_recipients(row, module.batch_size):
-            recipients = self._addressees(mlist, batch)
+            recipients = self._addressees(mlist, batch, individual)
             verdicts = judge(module.deliver(post, recipients))
             self._checkpoint(row, token, mlist, post, batch, verdicts)
             tally["transactions"] += verdicts.transactions
@@ -337,15 +340,46 @@ class OutgoingRunner:
             if not batch_size:
                 return
 
-    def _addressees(self, mlist: MailingList, batch: dict[str, int]) -> list[Recipient]:
-        if mlist.personalize != Personalization.FULL:
+    def _addressees(
+        self, mlist: MailingList, batch: dict[str, int], individual: bool
+    ) -> list[Recipient]:
+        """The batch's recipients, with member names and ids for personal copies (one query)."""
+        if not individual:
             return [Recipient(address) for address in batch]
-        names = dict(
-            Member.objects.filter(mailing_list=mlist, address__in=list(batch)).values_list(
-                "address", "display_name"
-            )
+        members = {
+            address: (name, pk)
+            for address, name, pk in Member.objects.filter(
+                mailing_list=mlist, address__in=list(batch)
+            ).values_list("address", "display_name", "pk")
+        }
+        return [Recipient(address, *members.get(address, ("", None))) for address in batch]
+
+    def _decoration(self, mlist: MailingList, metadata: dict[str, Any]) -> Decoration:
+        """List headers always; header and footer unless the post says not to (Mailman's keys)."""
+        plain = bool(metadata.get("nodecorate") or metadata.get("isdigest"))
+        base_url = self.config["UNSUBSCRIBE_BASE_URL"].rstrip("/")
+        return Decoration(
+            header="" if plain else mlist.header,
+            footer="" if plain else mlist.footer,
+            variables=mlist.variables(),
+            list_headers=list_headers(
+                mlist.list_id,
+                mlist.display_name,
+                mlist.address,
+                mlist.leave_address,
+                mlist.archive_url,
+            ),
+            one_click=bool(base_url),
+            unsubscribe_url=base_url + self._unsubscribe_path(),
+            list_pk=mlist.pk,
         )
-        return [Recipient(address, names.get(address, "")) for address in batch]
+
+    @staticmethod
+    def _unsubscribe_path() -> str:
+        try:
+            return reverse("listdelivery:unsubscribe", args=["TOKEN"]).replace("TOKEN", "{token}")
+        except NoReverseMatch:
+            return "/unsubscribe/{token}/"
 
     # -- bookkeeping --------------------------------------------------------
 

@@ -56,11 +56,16 @@ def test_every_recipient_gets_the_same_single_copy(deliver_to, smtpd, mlist, fir
         "bperson@example.com",
         "cperson@example.com",
     ]
+    # The post exactly as queued, plus the RFC 2369 headers listdelivery adds to every copy
+    # (Mailman adds them in its pipeline, which the seed bypasses).
     assert received.content.replace(b"\r\n", b"\n") == (
         b"From: aperson@example.com\n"
         b"To: test@example.com\n"
         b"Subject: My first post\n"
         b"Message-ID: <first>\n"
+        b"List-Id: Test <test.example.com>\n"
+        b"List-Post: <mailto:test@example.com>\n"
+        b"List-Unsubscribe: <mailto:test-leave@example.com>\n"
         b"\n"
         b"First post!\n"
     )

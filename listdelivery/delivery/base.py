@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from ..decorate import Decoration
+from ..personalize import PersonalTemplate
 from ..smtp import Outcome, SMTPPool, Transaction
 
 
@@ -21,6 +23,7 @@ from ..smtp import Outcome, SMTPPool, Transaction
 class Recipient:
     address: str
     display_name: str = ""
+    member_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,26 @@ class Post:
     personalize: str = "none"
     list_address: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    decoration: Decoration | None = None
 
     @cached_property
     def wire_message(self) -> bytes:
         """The post with CRLF line endings, as SMTP requires; made once per post."""
         return _BARE_LF.sub(b"\r\n", self.message)
+
+    @cached_property
+    def bulk_message(self) -> bytes:
+        """The one copy of a bulk post: decorated once, without member data."""
+        if self.decoration is None:
+            return self.wire_message
+        return self.decoration.apply(self.wire_message, personal=False)
+
+    @cached_property
+    def personal_template(self) -> PersonalTemplate:
+        """Prepared once per post; each recipient's copy is spliced from it."""
+        return PersonalTemplate(
+            self.wire_message, self.decoration, rewrite_to=self.personalize == "full"
+        )
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")

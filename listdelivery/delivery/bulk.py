@@ -46,7 +46,7 @@ class BulkDelivery(BaseDelivery):
         for recipient in recipients:
             (ascii_only if recipient.address.isascii() else international).append(recipient.address)
         for chunk in chunkify(ascii_only, self.config["MAX_RECIPIENTS"]):
-            yield Transaction(post.sender, chunk, post.wire_message)
+            yield Transaction(post.sender, chunk, post.bulk_message)
         # Alone, so that a server without SMTPUTF8 refuses only them, never a whole chunk.
         for address in sorted(set(international)):
-            yield Transaction(post.sender, [address], post.wire_message)
+            yield Transaction(post.sender, [address], post.bulk_message)
