@@ -9,6 +9,7 @@ Ids are stable and documented in the README:
 - ``listdelivery.E005`` a value has the wrong type (not a number, duration or yes/no).
 - ``listdelivery.E006`` a number is out of range.
 - ``listdelivery.E007`` ``VERP_DELIMITER`` is not a single separator character.
+- ``listdelivery.E010`` ``UNSUBSCRIBE_BASE_URL`` is set but is not an http(s) URL.
 - ``listdelivery.W001`` an unknown key in ``LISTDELIVERY`` (a typo is otherwise silent).
 - ``listdelivery.W002`` ``LEASE_DURATION`` is not longer than ``SMTP_TIMEOUT``.
 - ``listdelivery.W003`` only one of ``SMTP_USER`` and ``SMTP_PASSWORD`` is set.
@@ -20,6 +21,7 @@ Ids are stable and documented in the README:
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from django.apps import apps
@@ -114,6 +116,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         found.append(
             _error(
                 "VERP_DELIMITER", f"is {delimiter!r}.", 7, hint="Use one character such as + or -."
+            )
+        )
+    base_url = config["UNSUBSCRIBE_BASE_URL"]
+    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
+        found.append(
+            _error(
+                "UNSUBSCRIBE_BASE_URL",
+                f"is {base_url!r}, not an http(s) URL.",
+                10,
+                hint="For example https://lists.example.com (the site that serves listdelivery.urls).",
             )
         )
     if config["LEASE_DURATION"] <= config["SMTP_TIMEOUT"]:

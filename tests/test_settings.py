@@ -84,6 +84,8 @@ def test_a_good_configuration_passes_the_checks():
         ({"SMTP_CONNECTIONS": 0}, "listdelivery.E006"),
         ({"SMTP_PORT": 70000}, "listdelivery.E006"),
         ({"VERP_DELIMITER": "ab"}, "listdelivery.E007"),
+        ({"UNSUBSCRIBE_BASE_URL": "lists.example.com"}, "listdelivery.E010"),
+        ({"BOUNCE_SCORE_THRESHOLD": 0}, "listdelivery.E006"),
         ({"MAX_RECIPIENT": 5}, "listdelivery.W001"),
         ({"LEASE_DURATION": 30, "SMTP_TIMEOUT": 60}, "listdelivery.W002"),
         ({"SMTP_USER": "me"}, "listdelivery.W003"),
