@@ -258,6 +258,7 @@ class OutgoingRecipient(models.Model):
         verbose_name_plural = _("recipients")
         indexes = [
             models.Index(fields=["message", "status"], name="listdelivery_recipient_open"),
+            models.Index(fields=["finished_at"], name="listdelivery_recipient_done"),
         ]
 
     def __str__(self) -> str:

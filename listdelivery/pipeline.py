@@ -74,9 +74,8 @@ def to_outgoing(
         OutgoingRecipient.objects.bulk_create(
             _recipient_rows(row, unique_addresses(recipients)), batch_size=INSERT_BATCH
         )
-        if tasks.tasks_enabled():
-            # robust: a broker that is down must not fail the post; the sweep delivers it.
-            transaction.on_commit(partial(tasks.enqueue_delivery, row.pk), robust=True)
+        # robust: a broker that is down must not fail the post; the sweep delivers it.
+        transaction.on_commit(partial(tasks.enqueue_delivery, row.pk), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)
     return row
 

@@ -240,7 +240,11 @@ class OutgoingRunner:
         try:
             self._process(row, token, modules, summary)
         except LeaseLost:
-            logger.warning("Lost the lease on %s: another runner has taken it over", _label(row))
+            logger.warning(
+                "Stopped delivering %s: it was discarded, or its lease expired and another "
+                "runner took it over",
+                _label(row),
+            )
         except Exception as error:
             logger.exception(
                 "Unexpected error while delivering %s; it will be retried", _label(row)
@@ -415,9 +419,15 @@ class OutgoingRunner:
             for (status, code, text), addresses in verdicts.groups.items():
                 finished = None if status == RStatus.DEFERRED else now
                 for ids in _chunks([batch[a] for a in addresses if a in batch]):
-                    OutgoingRecipient.objects.filter(
-                        id__in=ids, status__in=OutgoingRecipient.OPEN
-                    ).update(status=status, smtp_code=code, smtp_message=text, finished_at=finished)
+                    # What the server accepted is a fact, even for a post discarded meanwhile.
+                    current = (
+                        ~Q(status=RStatus.SENT)
+                        if status == RStatus.SENT
+                        else Q(status__in=OutgoingRecipient.OPEN)
+                    )
+                    OutgoingRecipient.objects.filter(current, id__in=ids).update(
+                        status=status, smtp_code=code, smtp_message=text, finished_at=finished
+                    )
             BounceEvent.objects.bulk_create(bounces)
             renewed = self._fenced(row, token).update(
                 leased_until=now + self.config["LEASE_DURATION"]

@@ -36,11 +36,14 @@ def tasks_enabled() -> bool:
     return apps.is_installed("django_q") and conf.get("ENQUEUE_TASKS")
 
 
-def enqueue_delivery(post_id: int) -> None:
+def enqueue_delivery(post_id: int | None = None) -> None:
     """Ask the cluster to deliver now; called once the post's row is committed."""
+    if not tasks_enabled():
+        return
     from django_q.tasks import async_task
 
-    async_task(TASK, task_name=f"deliver post {post_id}", group="listdelivery")
+    name = f"deliver post {post_id}" if post_id else "deliver due posts"
+    async_task(TASK, task_name=name, group="listdelivery")
 
 
 def ensure_sweep_schedule(using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
