@@ -9,6 +9,7 @@ runner decides what that means for the post.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import ssl
 import threading
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 NO_REPLY = 444
 #: Stages at which a failure concerns the session, not the transaction: stop sending.
 SESSION_STAGES = frozenset({"connect", "tls", "auth"})
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 #: Reuse an idle session only after a NOOP says it is still alive.
 IDLE_CHECK_SECONDS = 10.0
 
@@ -67,6 +69,18 @@ def _text(reply: Any) -> str:
     if isinstance(reply, bytes):
         return reply.decode("utf-8", "replace")
     return str(reply)
+
+
+def _dot_stuffed(message: bytes) -> bytes:
+    """The DATA payload: CRLF line ends, leading dots doubled, ended by ``CRLF.CRLF``."""
+    if message.count(b"\n") != message.count(b"\r\n"):
+        message = _BARE_LF.sub(b"\r\n", message)
+    if message.startswith(b"."):
+        message = b"." + message
+    message = message.replace(b"\r\n.", b"\r\n..")
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
 
 
 def _needs_smtputf8(transaction: Transaction) -> bool:
@@ -179,31 +193,37 @@ class Connection:
             options.append("SMTPUTF8")
         if smtp.has_extn("8bitmime") and not transaction.message.isascii():
             options.append("BODY=8BITMIME")
+        envelope = [
+            f"MAIL FROM:<{transaction.sender}>" + "".join(f" {o}" for o in options),
+            *(f"RCPT TO:<{recipient}>" for recipient in transaction.recipients),
+            "DATA",
+        ]
         stage = "mail"
         try:
-            code, reply = smtp.mail(transaction.sender, options)
+            replies = self._exchange(envelope, pipelining=smtp.has_extn("pipelining"))
+            code, reply = replies[0]
             if code != 250:
-                self._reset()
+                self._abandon(replies, len(envelope))
                 return Outcome(transaction, failure=Failure("mail", code, _text(reply)))
             stage = "rcpt"
-            refused = {}
-            for recipient in transaction.recipients:
-                code, reply = smtp.rcpt(recipient)
-                if code not in (250, 251):
-                    refused[recipient] = (code, _text(reply))
+            refused = {
+                recipient: (code, _text(reply))
+                for recipient, (code, reply) in zip(
+                    transaction.recipients, replies[1:], strict=False
+                )
+                if code not in (250, 251)
+            }
             if len(refused) == len(transaction.recipients):
-                self._reset()
+                self._abandon(replies, len(envelope))
                 return Outcome(transaction, refused=refused)
             stage = "data"
-            code, reply = smtp.data(transaction.message)
+            code, reply = replies[-1]
+            if code == 354:
+                smtp.sock.sendall(_dot_stuffed(transaction.message))
+                code, reply = smtp.getreply()
             if code != 250:
                 self._reset()
                 return Outcome(transaction, failure=Failure("data", code, _text(reply)))
-        except smtplib.SMTPResponseException as error:
-            self._reset()
-            return Outcome(
-                transaction, failure=Failure(stage, error.smtp_code, _text(error.smtp_error))
-            )
         except (smtplib.SMTPException, OSError) as error:
             self.close()
             return Outcome(
@@ -213,6 +233,32 @@ class Connection:
         self.transactions_in_session += 1
         self.last_used = time.monotonic()
         return Outcome(transaction, refused=refused)
+
+    def _exchange(self, commands: list[str], *, pipelining: bool) -> list[tuple[int, bytes]]:
+        """MAIL, RCPTs and DATA: in one write where the server offers PIPELINING (RFC 2920).
+
+        Without it, one command at a time, stopping where the next makes no sense.
+        """
+        smtp = self.smtp
+        if pipelining:
+            smtp.sock.sendall(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+            return [smtp.getreply() for _ in commands]
+        replies = []
+        for index, command in enumerate(commands):
+            if index == len(commands) - 1 and not any(c in (250, 251) for c, _ in replies[1:]):
+                break  # DATA without an accepted recipient
+            smtp.sock.sendall(command.encode("utf-8") + b"\r\n")
+            replies.append(smtp.getreply())
+            if index == 0 and replies[0][0] != 250:
+                break
+        return replies
+
+    def _abandon(self, replies: list[tuple[int, bytes]], sent: int) -> None:
+        """End a transaction that will not carry the message, then RSET."""
+        if len(replies) == sent and replies[-1][0] == 354:
+            self.smtp.sock.sendall(b".\r\n")  # DATA was accepted anyway: send an empty message end
+            self.smtp.getreply()
+        self._reset()
 
     def _reset(self) -> None:
         """RSET after a failed transaction, so the next one starts clean; reopen if that fails."""

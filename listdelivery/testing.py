@@ -56,6 +56,19 @@ class _Handler:
     def __init__(self, owner: SMTPTestServer) -> None:
         self._owner = owner
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._owner.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before aiosmtpd's closing "250 HELP"
+        return responses
+
     async def handle_MAIL(
         self,
         smtp: SMTP,
@@ -188,6 +201,7 @@ class SMTPTestServer:
         *,
         auth: tuple[str, str] | None = None,
         smtputf8: bool = True,
+        pipelining: bool = True,
         tls_context: ssl.SSLContext | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
     ) -> None:
@@ -195,6 +209,7 @@ class SMTPTestServer:
         self.port = _free_port(host) if port is None else port
         self.auth = auth
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
 

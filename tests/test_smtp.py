@@ -126,3 +126,47 @@ def test_a_slow_server_times_out_as_a_temporary_failure(smtpd):
     smtpd.delay = 1.0
     outcome = Connection(config_for(smtpd, SMTP_TIMEOUT=timedelta(seconds=0.3))).send(transaction())
     assert (outcome.failure.stage, outcome.failure.code) == ("data", 444)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refusals_are_matched_to_their_recipients_with_and_without_pipelining(pipelining):
+    with SMTPTestServer(pipelining=pipelining) as server:
+        server.fail_rcpt = {
+            "b@example.com": "550 5.1.1 No such user",
+            "c@example.com": "450 4.2.0 Busy",
+        }
+        connection = Connection(config_for(server))
+        mixed = connection.send(transaction("a@example.com", "b@example.com", "c@example.com"))
+        refused = connection.send(transaction("b@example.com"))
+        after = connection.send(transaction("d@example.com"))
+
+        assert mixed.accepted == ["a@example.com"]
+        assert mixed.refused == {
+            "b@example.com": (550, "5.1.1 No such user"),
+            "c@example.com": (450, "4.2.0 Busy"),
+        }
+        assert (
+            refused.refused == {"b@example.com": (550, "5.1.1 No such user")}
+            and refused.failure is None
+        )
+        assert after.failure is None
+        assert [m.rcpt_tos for m in server.messages] == [["a@example.com"], ["d@example.com"]]
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_sender_fails_the_transaction_and_the_session_goes_on(pipelining):
+    with SMTPTestServer(pipelining=pipelining) as server:
+        server.fail_mail = "550 5.7.1 Sender rejected"
+        connection = Connection(config_for(server))
+        outcome = connection.send(transaction())
+        server.fail_mail = None
+        assert (outcome.failure.stage, outcome.failure.code) == ("mail", 550)
+        assert connection.send(transaction()).failure is None
+        assert len(server.messages) == 1 and server.connections == 1
+
+
+def test_leading_dots_are_stuffed_and_arrive_intact(smtpd):
+    message = b"From: a@example.com\r\n\r\n.hidden\r\n..two\r\nend"
+    Connection(config_for(smtpd)).send(Transaction("l@example.com", ["a@example.com"], message))
+    assert smtpd.messages[0].content == message + b"\r\n"
