@@ -13,6 +13,7 @@ from datetime import datetime
 from email.header import decode_header, make_header
 from email.message import Message
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from django.db import transaction
@@ -71,9 +72,10 @@ def to_outgoing(
             metadata=metadata,
             next_attempt_at=due,
         )
-        OutgoingRecipient.objects.bulk_create(
-            _recipient_rows(row, unique_addresses(recipients)), batch_size=INSERT_BATCH
-        )
+        # In slices: bulk_create would turn a generator into one list of every row.
+        rows = _recipient_rows(row, unique_addresses(recipients))
+        while chunk := list(islice(rows, INSERT_BATCH)):
+            OutgoingRecipient.objects.bulk_create(chunk)
         # robust: a broker that is down must not fail the post; the sweep delivers it.
         transaction.on_commit(partial(tasks.enqueue_delivery, row.pk), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)

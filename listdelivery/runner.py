@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
+from functools import lru_cache
 from typing import Any
 
 from django.db import connection, transaction
@@ -152,6 +153,17 @@ def judge(outcomes: Iterable[Outcome]) -> Verdicts:
     return verdicts
 
 
+@dataclass
+class Ending:
+    """How a post leaves this run: its status, why, and when it is due again."""
+
+    status: str
+    error: str = ""
+    retry_at: datetime | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    give_up: bool = False  # its open recipients become failed
+
+
 class LeaseLost(Exception):
     """Another runner took the row over after our lease expired: stop touching it."""
 
@@ -275,9 +287,10 @@ class OutgoingRunner:
             self._discard(row, token, summary, "the message has no header fields: it is not a post")
             return
         metadata = dict(row.metadata) if isinstance(row.metadata, dict) else {}
+        unsaved: dict[str, Any] = {}  # row fields written with the first checkpoint
         if "verp" not in metadata:
             metadata["verp"] = decide_verp(mlist, metadata, self.config)
-            self._fenced(row, token).update(metadata=metadata)
+            unsaved["metadata"] = metadata
         sender = metadata.get("sender") or mlist.bounces_address
         problem = address_problem(sender)
         if problem:
@@ -299,17 +312,24 @@ class OutgoingRunner:
         tally: Counter[str] = Counter()
         refusals: list[tuple[str, int | None, str]] = []
         post_failure = None
-        for batch in self._open_recipients(row, module.batch_size):
+        ended = False
+        for batch, last in self._open_recipients(row, module.batch_size):
             recipients = self._addressees(mlist, batch, individual)
             verdicts = judge(module.deliver(post, recipients))
-            self._checkpoint(row, token, mlist, post, batch, verdicts)
             tally["transactions"] += verdicts.transactions
             for (status, code, text), addresses in verdicts.groups.items():
                 tally[status] += len(addresses)
                 if status != RStatus.SENT:
                     refusals.extend((address, code, text) for address in addresses)
-            if verdicts.post_failure:
-                post_failure = verdicts.post_failure
+            post_failure = verdicts.post_failure
+            # After the last batch the tally often proves the outcome: end in the same write.
+            ending = (
+                self._ending_from_tally(row, tally, refusals) if last and not post_failure else None
+            )
+            self._checkpoint(row, token, mlist, post, batch, verdicts, unsaved, ending, summary)
+            unsaved = {}
+            if post_failure or last:
+                ended = ending is not None
                 break
         self._log_delivery(
             row, post, headers, tally, refusals, post_failure, time.monotonic() - began
@@ -318,13 +338,13 @@ class OutgoingRunner:
         summary.recipients += tally[RStatus.SENT]
         summary.deferred += tally[RStatus.DEFERRED]
         summary.bounced += tally[RStatus.BOUNCED]
-        last_reply = next((f"{code} {text}" for _, code, text in reversed(refusals) if code), "")
-        self._conclude(row, token, summary, post_failure, last_reply)
+        if not ended:
+            self._conclude(row, token, summary, post_failure, _last_reply(refusals), unsaved)
 
     def _open_recipients(
         self, row: OutgoingMessage, batch_size: int | None
-    ) -> Iterator[dict[str, int]]:
-        """Recipients still to send, a batch at a time, by keyset so each is visited once per run."""
+    ) -> Iterator[tuple[dict[str, int], bool]]:
+        """``(batch, is the last)`` of recipients still to send, by keyset: each visited once per run."""
         cursor = 0
         while True:
             page = (
@@ -339,10 +359,11 @@ class OutgoingRunner:
             batch = {address: pk for pk, address in page}
             if not batch:
                 return
-            yield batch
-            cursor = max(batch.values())
-            if not batch_size:
+            last = not batch_size or len(batch) < batch_size
+            yield batch, last
+            if last:
                 return
+            cursor = max(batch.values())
 
     def _addressees(
         self, mlist: MailingList, batch: dict[str, int], individual: bool
@@ -374,16 +395,9 @@ class OutgoingRunner:
                 mlist.archive_url,
             ),
             one_click=bool(base_url),
-            unsubscribe_url=base_url + self._unsubscribe_path(),
+            unsubscribe_url=base_url + _unsubscribe_path(),
             list_pk=mlist.pk,
         )
-
-    @staticmethod
-    def _unsubscribe_path() -> str:
-        try:
-            return reverse("listdelivery:unsubscribe", args=["TOKEN"]).replace("TOKEN", "{token}")
-        except NoReverseMatch:
-            return "/unsubscribe/{token}/"
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -398,8 +412,11 @@ class OutgoingRunner:
         post: Post,
         batch: dict[str, int],
         verdicts: Verdicts,
+        unsaved: dict[str, Any],
+        ending: Ending | None,
+        summary: RunSummary,
     ) -> None:
-        """Write one batch's results and renew the lease, in one short transaction."""
+        """Write one batch's results, and renew the lease or end the post, in one transaction."""
         now = timezone.now()
         bounces = [
             BounceEvent(
@@ -428,12 +445,24 @@ class OutgoingRunner:
                     OutgoingRecipient.objects.filter(current, id__in=ids).update(
                         status=status, smtp_code=code, smtp_message=text, finished_at=finished
                     )
-            BounceEvent.objects.bulk_create(bounces)
-            renewed = self._fenced(row, token).update(
-                leased_until=now + self.config["LEASE_DURATION"]
-            )
-        if not renewed:
+            if bounces:
+                BounceEvent.objects.bulk_create(bounces)
+            if ending:
+                kept = self._end(row, token, summary, ending, **unsaved)
+            else:
+                lease = now + self.config["LEASE_DURATION"]
+                kept = self._fenced(row, token).update(leased_until=lease, **unsaved)
+        if not kept:
             raise LeaseLost(row.pk)
+
+    def _ending_from_tally(
+        self, row: OutgoingMessage, tally: Counter[str], refusals: list
+    ) -> Ending | None:
+        """The outcome when this run visited every open recipient; ``None`` if it takes a COUNT."""
+        still_open = tally[RStatus.DEFERRED]
+        if not still_open and not tally[RStatus.SENT]:
+            return None  # whether an earlier attempt delivered to anyone needs counting
+        return self._ending(row, still_open, True, None, _last_reply(refusals))
 
     def _conclude(
         self,
@@ -442,6 +471,7 @@ class OutgoingRunner:
         summary: RunSummary,
         post_failure: tuple[str, str] | None,
         last_reply: str = "",
+        unsaved: dict[str, Any] | None = None,
     ) -> None:
         counts = dict(
             OutgoingRecipient.objects.filter(message=row)
@@ -449,34 +479,42 @@ class OutgoingRunner:
             .annotate(n=Count("id"))
             .values_list("status", "n")
         )
-        still_open = counts.get(RStatus.PENDING, 0) + counts.get(RStatus.DEFERRED, 0)
         if not counts:
             self._discard(row, token, summary, "no recipients: nothing to deliver")
             return
+        still_open = counts.get(RStatus.PENDING, 0) + counts.get(RStatus.DEFERRED, 0)
+        ending = self._ending(
+            row, still_open, bool(counts.get(RStatus.SENT)), post_failure, last_reply
+        )
+        with transaction.atomic():
+            kept = self._end(row, token, summary, ending, **(unsaved or {}))
+        if not kept:
+            raise LeaseLost(row.pk)
+
+    def _ending(
+        self,
+        row: OutgoingMessage,
+        still_open: int,
+        any_sent: bool,
+        post_failure: tuple[str, str] | None,
+        last_reply: str,
+    ) -> Ending:
+        """Delivered, failed, or retried later under Mailman's progress rule."""
         if not still_open:
-            if counts.get(RStatus.SENT):
-                self._finish(row, token, Status.DELIVERED, summary)
-            else:
-                self._finish(
-                    row, token, Status.FAILED, summary, error="no recipient accepted the post"
-                )
-            return
+            if any_sent:
+                return Ending(Status.DELIVERED)
+            return Ending(Status.FAILED, "no recipient accepted the post")
         now = timezone.now()
         deadline = row.deliver_until
         if still_open != row.last_failure_count or deadline is None:
             deadline = now + self.config["DELIVERY_RETRY_PERIOD"]
         elif now > deadline:
+            smtp_log.error("Discarding message with persistent temporary failures: %s", _label(row))
             reason = (
                 f"gave up: {still_open} recipients still failing after "
                 f"{self.config['DELIVERY_RETRY_PERIOD']} without progress"
             )
-            smtp_log.error("Discarding message with persistent temporary failures: %s", _label(row))
-            with transaction.atomic():
-                OutgoingRecipient.objects.filter(
-                    message=row, status__in=OutgoingRecipient.OPEN
-                ).update(status=RStatus.FAILED, finished_at=now)
-                self._finish(row, token, Status.FAILED, summary, error=reason)
-            return
+            return Ending(Status.FAILED, reason, give_up=True)
         status, reason = post_failure or (
             Status.RETRY,
             f"{still_open} recipients to retry; last reply: {last_reply or 'none'}",
@@ -484,15 +522,30 @@ class OutgoingRunner:
         if post_failure:
             verb = "Holding" if status == Status.HELD else "Will retry"
             logger.error("%s %s: %s", verb, _label(row), reason)
-        self._finish(
+        return Ending(
+            status,
+            reason,
+            retry_at=self._backoff(row),
+            fields={"deliver_until": deadline, "last_failure_count": still_open},
+        )
+
+    def _end(
+        self, row: OutgoingMessage, token: str, summary: RunSummary, ending: Ending, **fields: Any
+    ) -> bool:
+        """Apply an ending inside the caller's transaction; ``False`` if the lease was lost."""
+        if ending.give_up:
+            OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
+                status=RStatus.FAILED, finished_at=timezone.now()
+            )
+        return self._finish(
             row,
             token,
-            status,
+            ending.status,
             summary,
-            error=reason,
-            retry_at=self._backoff(row),
-            deliver_until=deadline,
-            last_failure_count=still_open,
+            error=ending.error,
+            retry_at=ending.retry_at,
+            **ending.fields,
+            **fields,
         )
 
     def _backoff(self, row: OutgoingMessage) -> datetime:
@@ -509,7 +562,9 @@ class OutgoingRunner:
             OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
                 status=RStatus.FAILED, smtp_message=reason[:1000], finished_at=now
             )
-            self._finish(row, token, Status.DISCARDED, summary, error=reason)
+            kept = self._finish(row, token, Status.DISCARDED, summary, error=reason)
+        if not kept:
+            raise LeaseLost(row.pk)
 
     def _finish(
         self,
@@ -521,8 +576,8 @@ class OutgoingRunner:
         error: str = "",
         retry_at: datetime | None = None,
         **fields: Any,
-    ) -> None:
-        """Record the row's new status and let go of the lease."""
+    ) -> bool:
+        """Record the row's new status and let go of the lease; ``False`` if it was not ours."""
         now = timezone.now()
         if retry_at is not None:
             fields["next_attempt_at"] = retry_at
@@ -537,7 +592,7 @@ class OutgoingRunner:
             **fields,
         )
         if not updated:
-            raise LeaseLost(row.pk)
+            return False
         row.status = status
         row.last_error = error
         counter = {
@@ -548,6 +603,7 @@ class OutgoingRunner:
             Status.DISCARDED: "discarded",
         }[status]
         setattr(summary, counter, getattr(summary, counter) + 1)
+        return True
 
     def _log_delivery(
         self,
@@ -591,6 +647,18 @@ class OutgoingRunner:
                 )
         else:
             smtp_log.info("%s post to %s from %s, %d bytes", msgid, post.list_address, sender, size)
+
+
+def _last_reply(refusals: list[tuple[str, int | None, str]]) -> str:
+    return next((f"{code} {text}" for _, code, text in reversed(refusals) if code), "")
+
+
+@lru_cache(maxsize=1)
+def _unsubscribe_path() -> str:
+    try:
+        return reverse("listdelivery:unsubscribe", args=["TOKEN"]).replace("TOKEN", "{token}")
+    except NoReverseMatch:
+        return "/unsubscribe/{token}/"
 
 
 def _label(row: OutgoingMessage) -> str:

@@ -8,6 +8,7 @@ runner decides what that means for the post.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import smtplib
@@ -298,7 +299,10 @@ class SMTPPool:
         per connection in memory. Transactions not attempted are not in the result.
         """
         source = iter(transactions)
-        if len(self.connections) == 1:
+        head = list(itertools.islice(source, 2))
+        source = itertools.chain(head, source)
+        if len(self.connections) == 1 or len(head) < 2:
+            # One transaction (a small bulk post) is not worth a thread hand-off.
             return self._drain(self.connections[0], source, threading.Lock(), threading.Event())
         if self._executor is None:
             self._executor = ThreadPoolExecutor(

@@ -1,0 +1,52 @@
+"""Database work per post stays flat: a fixed number of queries per batch, never per recipient."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from listdelivery.models import Member, Personalization
+
+from .conftest import queue_post, run
+
+pytestmark = pytest.mark.django_db
+
+
+def add_members(mlist, count: int) -> None:
+    Member.objects.bulk_create(
+        Member(mailing_list=mlist, address=f"m{i:05d}@example.org", display_name=f"M {i}")
+        for i in range(count)
+    )
+
+
+def queries_to_deliver(mlist, post) -> int:
+    """Statements sent to the database, savepoints of the test's own transaction aside."""
+    queue_post(mlist, post)
+    with CaptureQueriesContext(connection) as captured:
+        run()
+    return sum(1 for query in captured.captured_queries if "SAVEPOINT" not in query["sql"].upper())
+
+
+@pytest.mark.parametrize("personalize", [Personalization.NONE, Personalization.FULL])
+def test_ten_times_the_members_costs_one_query_set_per_extra_batch(
+    deliver_to, smtpd, mlist, first_post, personalize
+):
+    deliver_to(CHECKPOINT_EVERY=50, MAX_RECIPIENTS=5)
+    mlist.personalize = personalize
+    mlist.save()
+    small = queries_to_deliver(mlist, first_post)  # 3 members: one batch
+    add_members(mlist, 997)
+    large = queries_to_deliver(mlist, first_post)  # 1,000 members
+
+    batch = 50 if personalize == Personalization.FULL else 250
+    batches = -(-1000 // batch)
+    per_batch = 4 if personalize == Personalization.FULL else 3  # page, (names), updates, lease
+    assert large <= small + batches * per_batch, f"{small} queries for 3 members, {large} for 1,000"
+
+
+def test_a_small_post_takes_a_handful_of_queries(deliver_to, smtpd, mlist, first_post):
+    # Claim (a SELECT, the UPDATE, reading the rows), one page of recipients, one UPDATE of
+    # recipients and one of the post in a single transaction, and the claim that finds nothing.
+    assert queries_to_deliver(mlist, first_post) == 7
+    assert len(smtpd.messages) == 1
