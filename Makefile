@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create the virtualenv, migrate SQLite, deliver the seed's post to a local SMTP server
 #   make test   create the virtualenv and run the test suite (SQLite; no other service needed)
+#   make bench  the benchmark (BENCH_ARGS=--quick for a few seconds)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +25,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python manage.py check
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m listdelivery.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) db.sqlite3* .test-db.sqlite3* .pytest_cache test-artifacts
