@@ -455,10 +455,22 @@ def member_name(index: int) -> str:
     return f"Zoë Müller {index}" if index % 20 == 0 else f"Member Number {index}"
 
 
-def create_list(address: str, personalize: str, members: int):
-    from listdelivery.models import MailingList, Member
+#: The personalized runs carry a footer with member data and a one-click unsubscribe link,
+#: as a real personalized list would: each copy gets its own footer and List-Unsubscribe.
+PERSONAL_FOOTER = (
+    "_______________________________________________\n"
+    "$display_name mailing list -- $listname\n"
+    "You receive this as $user_name_or_address <$user_address>.\n"
+    "Unsubscribe: $unsubscribe_url\n"
+)
+UNSUBSCRIBE_BASE_URL = "https://lists.example.com"
 
-    mlist = MailingList.objects.create(address=address, personalize=personalize)
+
+def create_list(address: str, personalize: str, members: int):
+    from listdelivery.models import MailingList, Member, Personalization
+
+    footer = PERSONAL_FOOTER if personalize != Personalization.NONE else ""
+    mlist = MailingList.objects.create(address=address, personalize=personalize, footer=footer)
     for start in range(0, members, CREATE_CHUNK):
         Member.objects.bulk_create(
             Member(mailing_list=mlist, address=member_address(i), display_name=member_name(i))
@@ -826,7 +838,10 @@ class Bench:
         if kind == "baseline":
             row.note = "sendmail() of pre-rendered ~2 KB messages, one RCPT each"
         elif kind == "personalized":
-            row.note = "full personalization + VERP: one transaction per member"
+            row.note = (
+                "full personalization + VERP + a member footer and one-click unsubscribe: "
+                "one transaction per member"
+            )
             if connections > 1:
                 row.target = f">={TARGET_PERSONALIZED}x (aim {AIM_PERSONALIZED}x)"
                 row.met = _met(row.ratio, TARGET_PERSONALIZED, AIM_PERSONALIZED)
@@ -871,7 +886,11 @@ class Bench:
 
         flush_tables()
         mlist = create_list(PERSONALIZED_LIST, Personalization.FULL, n)
-        config = self.config(SMTP_CONNECTIONS=connections, VERP_PERSONALIZED_DELIVERIES=True)
+        config = self.config(
+            SMTP_CONNECTIONS=connections,
+            VERP_PERSONALIZED_DELIVERIES=True,
+            UNSUBSCRIBE_BASE_URL=UNSUBSCRIBE_BASE_URL,
+        )
         with override_settings(LISTDELIVERY=config):
             began = time.perf_counter()
             enqueue(mlist, 1)
@@ -1073,7 +1092,9 @@ class Bench:
         n = min(self.options.members, 2000)
         flush_tables()
         mlist = create_list(PERSONALIZED_LIST, Personalization.FULL, n)
-        config = self.config(VERP_PERSONALIZED_DELIVERIES=True)
+        config = self.config(
+            VERP_PERSONALIZED_DELIVERIES=True, UNSUBSCRIBE_BASE_URL=UNSUBSCRIBE_BASE_URL
+        )
         with override_settings(LISTDELIVERY=config):
             from listdelivery import conf
 
@@ -1313,6 +1334,7 @@ def memory_child(options: argparse.Namespace) -> int:
         "SMTP_PORT": int(port),
         "SMTP_CONNECTIONS": options.child_connections,
         "VERP_PERSONALIZED_DELIVERIES": True,
+        "UNSUBSCRIBE_BASE_URL": UNSUBSCRIBE_BASE_URL,
         "ENQUEUE_TASKS": False,
     }
     report: dict[str, Any] = {"phase": options.memory_phase, "members": n}
