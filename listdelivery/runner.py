@@ -486,10 +486,7 @@ class OutgoingRunner:
         ending = self._ending(
             row, still_open, bool(counts.get(RStatus.SENT)), post_failure, last_reply
         )
-        with transaction.atomic():
-            kept = self._end(row, token, summary, ending, **(unsaved or {}))
-        if not kept:
-            raise LeaseLost(row.pk)
+        self._end_alone(row, token, summary, ending, **(unsaved or {}))
 
     def _ending(
         self,
@@ -535,7 +532,7 @@ class OutgoingRunner:
         """Apply an ending inside the caller's transaction; ``False`` if the lease was lost."""
         if ending.give_up:
             OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
-                status=RStatus.FAILED, finished_at=timezone.now()
+                status=RStatus.FAILED, smtp_message=ending.error[:1000], finished_at=timezone.now()
             )
         return self._finish(
             row,
@@ -557,12 +554,14 @@ class OutgoingRunner:
 
     def _discard(self, row: OutgoingMessage, token: str, summary: RunSummary, reason: str) -> None:
         logger.error("Discarding %s: %s", _label(row), reason)
-        now = timezone.now()
+        self._end_alone(row, token, summary, Ending(Status.DISCARDED, reason, give_up=True))
+
+    def _end_alone(
+        self, row: OutgoingMessage, token: str, summary: RunSummary, ending: Ending, **fields: Any
+    ) -> None:
+        """Apply an ending in a transaction of its own."""
         with transaction.atomic():
-            OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
-                status=RStatus.FAILED, smtp_message=reason[:1000], finished_at=now
-            )
-            kept = self._finish(row, token, Status.DISCARDED, summary, error=reason)
+            kept = self._end(row, token, summary, ending, **fields)
         if not kept:
             raise LeaseLost(row.pk)
 
