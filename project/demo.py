@@ -31,6 +31,7 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     os.environ["LISTDELIVERY_SMTP_HOST"] = server.host
     os.environ["LISTDELIVERY_SMTP_PORT"] = str(server.port)
+    os.environ["LISTDELIVERY_ENQUEUE_TASKS"] = "no"  # no cluster here: deliver_pending does it
 
     import django
 
