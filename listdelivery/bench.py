@@ -879,10 +879,8 @@ class Bench:
     # -- 2. personalized ----------------------------------------------------------
 
     def personalized_once(self, n: int, connections: int) -> tuple[Sample, Any]:
-        from django.test.utils import override_settings
 
         from listdelivery.models import Personalization
-        from listdelivery.runner import OutgoingRunner
 
         flush_tables()
         mlist = create_list(PERSONALIZED_LIST, Personalization.FULL, n)
@@ -891,31 +889,30 @@ class Bench:
             VERP_PERSONALIZED_DELIVERIES=True,
             UNSUBSCRIBE_BASE_URL=UNSUBSCRIBE_BASE_URL,
         )
-        with override_settings(LISTDELIVERY=config):
-            began = time.perf_counter()
-            enqueue(mlist, 1)
-            queued = time.perf_counter() - began
-            before = self.sink.counts()
-            with Stopwatch(self.sink) as watch:
-                summary = OutgoingRunner().run()
         what = f"personalized, {n} members, {connections} connections"
-        self.check_summary(summary, n, n, 1, what)
-        self.check_sink(before, n, n, what)
-        self.check_database(1, n, what)
-        return _sample(watch, n, n, enqueue_seconds=queued), summary
+        return self.deliver_one_post(mlist, config, n, n, what)
 
     # -- 3. bulk --------------------------------------------------------------------
 
     def bulk_once(self, n: int, max_recipients: int, connections: int) -> Sample:
-        from django.test.utils import override_settings
 
         from listdelivery.models import Personalization
-        from listdelivery.runner import OutgoingRunner
 
         flush_tables()
         mlist = create_list(BULK_LIST, Personalization.NONE, n)
         transactions = expected_bulk_transactions(n, max_recipients)
         config = self.config(SMTP_CONNECTIONS=connections, MAX_RECIPIENTS=max_recipients)
+        what = f"bulk, {n} members, MAX_RECIPIENTS {max_recipients}, {connections} connections"
+        return self.deliver_one_post(mlist, config, transactions, n, what)[0]
+
+    def deliver_one_post(
+        self, mlist: Any, config: dict[str, Any], transactions: int, n: int, what: str
+    ) -> tuple[Sample, Any]:
+        """Queue one post (timed apart), deliver it (timed) and check every count."""
+        from django.test.utils import override_settings
+
+        from listdelivery.runner import OutgoingRunner
+
         with override_settings(LISTDELIVERY=config):
             began = time.perf_counter()
             enqueue(mlist, 1)
@@ -923,11 +920,10 @@ class Bench:
             before = self.sink.counts()
             with Stopwatch(self.sink) as watch:
                 summary = OutgoingRunner().run()
-        what = f"bulk, {n} members, MAX_RECIPIENTS {max_recipients}, {connections} connections"
         self.check_summary(summary, transactions, n, 1, what)
         self.check_sink(before, transactions, n, what)
         self.check_database(1, n, what)
-        return _sample(watch, transactions, n, enqueue_seconds=queued)
+        return _sample(watch, transactions, n, enqueue_seconds=queued), summary
 
     # -- 4. many posts ----------------------------------------------------------------
 

@@ -117,9 +117,6 @@ class Verdicts:
     ) -> None:
         self.groups[(status, code, text)].extend(addresses)
 
-    def addresses(self, status: str) -> list[str]:
-        return [a for (s, _, _), group in self.groups.items() if s == status for a in group]
-
 
 def judge(outcomes: Iterable[Outcome]) -> Verdicts:
     """Sort SMTP outcomes into sent, deferred, bounced and failed recipients, and post-level trouble.
