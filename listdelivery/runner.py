@@ -55,6 +55,7 @@ smtp_log = logging.getLogger("listdelivery.smtp")
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
 ID_CHUNK = 5000
+PREFETCH_LIMIT = 1000  # recipients read at once for all the posts of one claim
 
 
 @dataclass
@@ -161,6 +162,14 @@ class Ending:
     give_up: bool = False  # its open recipients become failed
 
 
+@dataclass
+class Prefetched:
+    """A post's open recipients read with those of the rest of its claim."""
+
+    recipients: dict[str, int]
+    complete: bool
+
+
 class LeaseLost(Exception):
     """Another runner took the row over after our lease expired: stop touching it."""
 
@@ -196,9 +205,10 @@ class OutgoingRunner:
                 token, rows = self.claim(started, wanted)
                 if not rows:
                     break
+                known = self._prefetch_recipients(rows)
                 for row in rows:
                     summary.posts += 1
-                    self._process_safely(row, token, modules, summary)
+                    self._process_safely(row, token, modules, summary, known.get(row.pk))
                     if self.on_post:
                         self.on_post(row, summary)
         if summary.bounced:
@@ -245,9 +255,10 @@ class OutgoingRunner:
         token: str,
         modules: dict[str, BaseDelivery],
         summary: RunSummary,
+        known: Prefetched | None = None,
     ) -> None:
         try:
-            self._process(row, token, modules, summary)
+            self._process(row, token, modules, summary, known)
         except LeaseLost:
             logger.warning(
                 "Stopped delivering %s: it was discarded, or its lease expired and another "
@@ -273,6 +284,7 @@ class OutgoingRunner:
         token: str,
         modules: dict[str, BaseDelivery],
         summary: RunSummary,
+        known: Prefetched | None,
     ) -> None:
         mlist = row.mailing_list
         if mlist is None:
@@ -310,7 +322,7 @@ class OutgoingRunner:
         refusals: list[tuple[str, int | None, str]] = []
         post_failure = None
         ended = False
-        for batch, last in self._open_recipients(row, module.batch_size):
+        for batch, last in self._open_recipients(row, module.batch_size, known):
             recipients = self._addressees(mlist, batch, individual)
             verdicts = judge(module.deliver(post, recipients))
             tally["transactions"] += verdicts.transactions
@@ -338,11 +350,47 @@ class OutgoingRunner:
         if not ended:
             self._conclude(row, token, summary, post_failure, _last_reply(refusals), unsaved)
 
+    def _prefetch_recipients(self, rows: list[OutgoingMessage]) -> dict[int, Prefetched]:
+        """The open recipients of all the claimed posts, in one query of at most
+        ``PREFETCH_LIMIT`` rows.
+
+        Small posts are the common case, and one query for the whole claim beats
+        one per post. A post the query cut short gets what was read, marked
+        incomplete, and pages the rest itself; posts after it page everything.
+        """
+        found = list(
+            OutgoingRecipient.objects.filter(message__in=rows, status__in=OutgoingRecipient.OPEN)
+            .order_by("message_id", "id")
+            .values_list("message_id", "id", "address")[: PREFETCH_LIMIT + 1]
+        )
+        cut = found[PREFETCH_LIMIT][0] if len(found) > PREFETCH_LIMIT else None
+        known = {
+            row.pk: Prefetched({}, complete=row.pk != cut)
+            for row in rows
+            if cut is None or row.pk <= cut
+        }
+        for message_id, pk, address in found[:PREFETCH_LIMIT]:
+            known[message_id].recipients[address] = pk
+        return known
+
     def _open_recipients(
-        self, row: OutgoingMessage, batch_size: int | None
+        self, row: OutgoingMessage, batch_size: int | None, known: Prefetched | None = None
     ) -> Iterator[tuple[dict[str, int], bool]]:
         """``(batch, is the last)`` of recipients still to send, by keyset: each visited once per run."""
         cursor = 0
+        # Without a batch size everyone goes in one transaction: only a complete read will do.
+        if known is not None and (batch_size or known.complete):
+            items = list(known.recipients.items())
+            size = batch_size or len(items) or 1
+            for start in range(0, len(items), size):
+                batch = dict(items[start : start + size])
+                last = known.complete and start + size >= len(items)
+                yield batch, last
+                if last:
+                    return
+                cursor = max(batch.values())
+            if known.complete:
+                return
         while True:
             page = (
                 OutgoingRecipient.objects.filter(

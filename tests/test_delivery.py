@@ -258,3 +258,35 @@ def test_queued_bytes_are_the_post_exactly(mlist):
     row = to_outgoing(mlist, message_from_bytes(raw), {"recipients": ["a@example.com"]})
     assert row.raw == raw
     assert (row.message_id, row.subject) == ("<first>", "My first post")
+
+
+@pytest.mark.parametrize(
+    ("max_recipients", "personalize"),
+    [(0, Personalization.NONE), (2, Personalization.NONE), (10, Personalization.INDIVIDUAL)],
+)
+def test_posts_read_together_and_posts_read_alone_each_reach_everyone_once(
+    deliver_to, smtpd, mlist, first_post, monkeypatch, max_recipients, personalize
+):
+    from listdelivery import runner
+
+    monkeypatch.setattr(runner, "PREFETCH_LIMIT", 7)  # the claim's read cuts the second post short
+    deliver_to(MAX_RECIPIENTS=max_recipients, CHECKPOINT_EVERY=2)
+    mlist.personalize = personalize
+    mlist.save()
+    sizes = [3, 9, 4]
+    for number, size in enumerate(sizes):
+        post = message_from_string(FIRST_POST.replace("<first>", f"<post-{number}>"))
+        queue_post(mlist, post, {"recipients": {f"r{number}-{i}@example.com" for i in range(size)}})
+
+    run()
+
+    received = sorted((m.message["Message-ID"], r) for m in smtpd.messages for r in m.rcpt_tos)
+    expected = sorted(
+        (f"<post-{n}>", f"r{n}-{i}@example.com")
+        for n, size in enumerate(sizes)
+        for i in range(size)
+    )
+    assert received == expected
+    if max_recipients == 0:  # unlimited: one transaction per post, even for the one read short
+        assert len(smtpd.messages) == len(sizes)
+    assert set(OutgoingMessage.objects.values_list("status", flat=True)) == {"delivered"}
