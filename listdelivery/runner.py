@@ -382,6 +382,8 @@ class OutgoingRunner:
         if known is not None and (batch_size or known.complete):
             items = list(known.recipients.items())
             size = batch_size or len(items) or 1
+            if not known.complete:
+                items = items[: len(items) - len(items) % size]  # whole batches only
             for start in range(0, len(items), size):
                 batch = dict(items[start : start + size])
                 last = known.complete and start + size >= len(items)

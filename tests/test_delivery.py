@@ -262,7 +262,12 @@ def test_queued_bytes_are_the_post_exactly(mlist):
 
 @pytest.mark.parametrize(
     ("max_recipients", "personalize"),
-    [(0, Personalization.NONE), (2, Personalization.NONE), (10, Personalization.INDIVIDUAL)],
+    [
+        (0, Personalization.NONE),
+        (2, Personalization.NONE),
+        (3, Personalization.NONE),
+        (10, Personalization.INDIVIDUAL),
+    ],
 )
 def test_posts_read_together_and_posts_read_alone_each_reach_everyone_once(
     deliver_to, smtpd, mlist, first_post, monkeypatch, max_recipients, personalize
@@ -289,4 +294,12 @@ def test_posts_read_together_and_posts_read_alone_each_reach_everyone_once(
     assert received == expected
     if max_recipients == 0:  # unlimited: one transaction per post, even for the one read short
         assert len(smtpd.messages) == len(sizes)
+    elif personalize == Personalization.NONE:  # batches of 2 transactions, as if read one by one
+        batch = 2 * max_recipients
+        chunks = [
+            -(-min(batch, size - start) // max_recipients)
+            for size in sizes
+            for start in range(0, size, batch)
+        ]
+        assert len(smtpd.messages) == sum(chunks)
     assert set(OutgoingMessage.objects.values_list("status", flat=True)) == {"delivered"}
