@@ -258,6 +258,7 @@ class OutgoingRunner:
         known: Prefetched | None = None,
     ) -> None:
         try:
+            self._keep_lease(row, token)
             self._process(row, token, modules, summary, known)
         except LeaseLost:
             logger.warning(
@@ -277,6 +278,20 @@ class OutgoingRunner:
                 error=f"unexpected error: {type(error).__name__}: {error}",
                 retry_at=self._backoff(row),
             )
+
+    def _keep_lease(self, row: OutgoingMessage, token: str) -> None:
+        """Renew a claimed post's lease if it waited long behind the others of its claim.
+
+        A lease that ran out before the post was even started may already be
+        another runner's: sending then would duplicate, so check first.
+        """
+        now = timezone.now()
+        lease = self.config["LEASE_DURATION"]
+        if row.leased_until and row.leased_until - now > lease / 2:
+            return
+        if not self._fenced(row, token).update(leased_until=now + lease):
+            raise LeaseLost(row.pk)
+        row.leased_until = now + lease
 
     def _process(
         self,

@@ -268,3 +268,29 @@ def test_after_a_refused_transaction_the_session_is_reset_and_reused(
         ["cperson@example.com"],
     ]
     assert smtpd.connections == 1
+
+
+def test_a_claimed_post_whose_lease_ran_out_while_waiting_is_not_sent(
+    deliver_to, smtpd, mlist, first_post
+):
+    import time as clock
+    from datetime import timedelta as span
+
+    from listdelivery.runner import OutgoingRunner
+
+    deliver_to(LEASE_DURATION=1, CLAIM_BATCH=2)
+    first = queue_post(mlist, first_post, {"recipients": ["one@example.com"]})
+    second = queue_post(mlist, first_post, {"recipients": ["two@example.com"]})
+
+    def another_runner_takes_the_second(row, summary):
+        if row.pk == first.pk:
+            clock.sleep(0.6)  # the second post waited past half its lease
+            OutgoingMessage.objects.filter(pk=second.pk).update(
+                lease_token="another-runner", leased_until=timezone.now() + span(minutes=5)
+            )
+
+    OutgoingRunner(on_post=another_runner_takes_the_second).run()
+
+    assert [m.rcpt_tos for m in smtpd.messages] == [["one@example.com"]]
+    second.refresh_from_db()
+    assert (second.status, second.lease_token) == (Status.QUEUED, "another-runner")
