@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from email import message_from_string
 from email.message import Message
 from email.utils import getaddresses
 
@@ -192,8 +193,6 @@ def _original_message_id(msg: Message) -> str:
             if isinstance(inner, Message) and inner.get("Message-ID"):
                 return str(inner["Message-ID"]).strip()
         if part.get_content_type() == "text/rfc822-headers":
-            from email import message_from_string
-
             headers = message_from_string(part.get_payload(decode=True).decode("utf-8", "replace"))
             if headers.get("Message-ID"):
                 return str(headers["Message-ID"]).strip()

@@ -15,6 +15,7 @@ decoration is done once per post and each copy only splices values in
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import quopri
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from email.header import Header
 from email.parser import BytesHeaderParser
 from string import Template
+
+from .tokens import make_token
 
 MEMBER_NAMES = (
     "member",
@@ -93,8 +96,6 @@ class Decoration:
         name = " ".join(display_name.split())
         url = ""
         if self.one_click and member_id is not None and self.list_pk is not None:
-            from .unsubscribe import make_token
-
             url = self.unsubscribe_url.format(token=make_token(self.list_pk, member_id))
         return {
             "member": f"{name} <{address}>" if name else address,
@@ -173,8 +174,6 @@ def _around_text(eol, lines, body, parsed, header, footer, utf8) -> bytes:
     raw_body = body.replace(b"\r\n", b"\n")
     encoding = str(parsed.get("content-transfer-encoding", "7bit")).strip().lower()
     if encoding == "base64":
-        import base64
-
         raw_body = base64.b64decode(raw_body + b"===", validate=False)
     elif encoding == "quoted-printable":
         raw_body = quopri.decodestring(raw_body)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.message import Message
+from email.parser import BytesHeaderParser
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -122,8 +123,6 @@ def _recipient_rows(row: OutgoingMessage, addresses: list[Any]) -> Iterable[Outg
 
 
 def _header_fields(raw: bytes) -> dict[str, str]:
-    from email.parser import BytesHeaderParser
-
     parsed = BytesHeaderParser().parsebytes(raw)
     fields = {}
     for name in ("message-id", "subject"):

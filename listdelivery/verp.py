@@ -29,7 +29,7 @@ def encode(sender: str, recipient: str, verp_format: str) -> str:
     local, at, domain = recipient.rpartition("@")
     if not at or not local or not domain:
         return sender
-    expanded = Template(verp_format).safe_substitute(bounces=bounces, local=local, domain=domain)
+    expanded = _template(verp_format).safe_substitute(bounces=bounces, local=local, domain=domain)
     return f"{expanded}@{sender_domain}"
 
 
@@ -72,6 +72,12 @@ def format_problem(verp_format: str) -> str | None:
 
 def _mentions(verp_format: str, name: str) -> bool:
     return f"${{{name}}}" in verp_format or re.search(rf"\${name}\b", verp_format) is not None
+
+
+@lru_cache(maxsize=8)
+def _template(verp_format: str) -> Template:
+    """Parsed once per format, not once per recipient."""
+    return Template(verp_format)
 
 
 @lru_cache(maxsize=64)
