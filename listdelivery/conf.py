@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "SMTP_VERIFY_CERT": True,
     "SMTP_VERIFY_HOSTNAME": True,
     "SMTP_TIMEOUT": timedelta(seconds=60),
+    "SMTP_EHLO_NAME": "",  # empty: this machine's fully qualified name
     "MAX_RECIPIENTS": 10,
     "MAX_SESSIONS_PER_CONNECTION": 0,
     # Retries of temporary failures.
@@ -53,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_DURATION": timedelta(minutes=5),
     "CHECKPOINT_EVERY": 100,
     "CLAIM_BATCH": 20,
+    # A post whose attempts end in an error of listdelivery itself this many times
+    # in a row fails with that error instead of being retried for ever.
+    "UNEXPECTED_ERROR_LIMIT": 5,
     "ENQUEUE_TASKS": True,
 }
 

@@ -16,6 +16,11 @@ def validate_list_address(value: str) -> None:
         raise ValidationError(_("Enter a posting address such as test@example.com."))
 
 
+def validate_one_line(value: str) -> None:
+    if any(c in value for c in "\r\n\0"):
+        raise ValidationError(_("A name cannot contain line breaks."))
+
+
 def _site_template(name: str) -> str:
     from django.template import TemplateDoesNotExist
     from django.template.loader import get_template
@@ -54,7 +59,9 @@ class MailingList(models.Model):
         _("posting address"), max_length=254, unique=True, validators=[validate_list_address]
     )
     list_id = models.CharField(_("list ID"), max_length=254, unique=True, editable=False)
-    display_name = models.CharField(_("display name"), max_length=200, blank=True)
+    display_name = models.CharField(
+        _("display name"), max_length=200, blank=True, validators=[validate_one_line]
+    )
     personalize = models.CharField(
         _("personalization"),
         max_length=20,
@@ -94,6 +101,7 @@ class MailingList(models.Model):
         return self.address
 
     def save(self, *args, **kwargs) -> None:
+        validate_one_line(self.display_name)  # it goes into List-Id on every copy
         self.list_id = self.address.replace("@", ".", 1).lower()
         if not self.display_name:
             self.display_name = self.list_name.capitalize()
@@ -201,12 +209,23 @@ class OutgoingMessage(models.Model):
         _("status"), max_length=20, choices=Status.choices, default=Status.QUEUED
     )
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
-    next_attempt_at = models.DateTimeField(_("next attempt"), default=timezone.now)
+    next_attempt_at = models.DateTimeField(
+        _("next attempt"),
+        null=True,
+        blank=True,
+        default=timezone.now,
+        help_text=_("Empty for a post held until an administrator retries it."),
+    )
     deliver_until = models.DateTimeField(_("retry deadline"), null=True, blank=True)
     last_failure_count = models.PositiveIntegerField(
         _("recipients failing at the last attempt"), default=0
     )
     last_error = models.TextField(_("last error"), blank=True)
+    unexpected_errors = models.PositiveIntegerField(
+        _("unexpected errors in a row"),
+        default=0,
+        help_text=_("Attempts that ended in an error of listdelivery itself, in a row."),
+    )
     lease_token = models.CharField(max_length=32, blank=True, editable=False)
     leased_until = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(_("queued at"), auto_now_add=True)
@@ -282,6 +301,15 @@ class BounceEvent(models.Model):
         _("context"), max_length=20, choices=Context.choices, default=Context.NORMAL
     )
     created_at = models.DateTimeField(_("time"), default=timezone.now, db_index=True)
+    fingerprint = models.CharField(
+        _("bounce message digest"),
+        max_length=64,
+        blank=True,
+        db_index=True,
+        help_text=_(
+            "Of the bounce message that reported it, so that reading it again counts once."
+        ),
+    )
     processed = models.BooleanField(
         _("scored"), default=False, help_text=_("Counted in the member's bounce score.")
     )
