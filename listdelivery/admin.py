@@ -30,7 +30,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import dashboard, tasks
+from . import dashboard, lease, tasks
 from .models import (
     BounceEvent,
     DeliveryStatus,
@@ -78,7 +78,7 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
     """
     now = timezone.now()
     posts = OutgoingMessage.objects.filter(
-        Q(leased_until__isnull=True) | Q(leased_until__lt=now),
+        lease.free(),
         pk__in=queryset.values("pk"),
         status__in=RETRYABLE,
     )
@@ -89,15 +89,15 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
         ).exclude(status=RStatus.FAILED, smtp_message__startswith="invalid address").update(
             status=RStatus.PENDING, finished_at=None
         )
-        return posts.update(
+        return lease.release(
+            posts,
             status=Case(
                 When(status=Status.QUEUED, then=Value(Status.QUEUED)), default=Value(Status.RETRY)
             ),
             next_attempt_at=now,
             deliver_until=None,
             last_failure_count=0,
-            lease_token="",
-            leased_until=None,
+            unexpected_errors=0,
             finished_at=None,
             updated_at=now,
         )
@@ -106,7 +106,8 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
 def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
     """Stop delivering the chosen waiting posts; returns how many were discarded.
 
-    A runner delivering one of them loses its lease and stops at its next checkpoint.
+    A runner delivering one of them loses its lease and stops before its next
+    transaction; one whose claim holds it but has not started it never starts it.
     """
     now = timezone.now()
     reason = f"discarded by {by}"
@@ -117,13 +118,8 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
         OutgoingRecipient.objects.filter(
             message__in=posts, status__in=OutgoingRecipient.OPEN
         ).update(status=RStatus.FAILED, smtp_message=reason, finished_at=now)
-        return posts.update(
-            status=Status.DISCARDED,
-            last_error=reason,
-            lease_token="",
-            leased_until=None,
-            finished_at=now,
-            updated_at=now,
+        return lease.release(
+            posts, status=Status.DISCARDED, last_error=reason, finished_at=now, updated_at=now
         )
 
 

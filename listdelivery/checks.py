@@ -120,7 +120,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     base_url = config["UNSUBSCRIBE_BASE_URL"]
-    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
+    if base_url and not re.fullmatch(r"https?://[^/\s<>\"]+[^\s<>\"]*", base_url):
         found.append(
             _error(
                 "UNSUBSCRIBE_BASE_URL",

@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
-from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -77,10 +76,19 @@ def to_outgoing(
         rows = _recipient_rows(row, unique_addresses(recipients))
         while chunk := list(islice(rows, INSERT_BATCH)):
             OutgoingRecipient.objects.bulk_create(chunk)
-        # robust: a broker that is down must not fail the post; the sweep delivers it.
-        transaction.on_commit(partial(tasks.enqueue_delivery, row.pk), robust=True)
+        # A broker that is down must not fail the post: the sweep delivers it.
+        transaction.on_commit(_enqueue_after_commit(row.pk), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)
     return row
+
+
+def _enqueue_after_commit(pk: int) -> Callable[[], None]:
+    """A named callback: Django's robust ``on_commit`` logs a failure by the callback's name."""
+
+    def enqueue_delivery() -> None:
+        tasks.enqueue_delivery(pk)
+
+    return enqueue_delivery
 
 
 def after_delivery(mlist: MailingList, msg: Message, msgdata: dict[str, Any]) -> None:

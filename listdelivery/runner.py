@@ -1,16 +1,16 @@
 """The outgoing runner: claims due posts, has them delivered, and keeps the books.
 
-The runner decides: which rows are due, whether a post is VERP'd, which
-delivery module sends it, what an SMTP reply means (sent, retry later,
-bounce, held), and when to give up. The delivery modules send; the SMTP
-layer talks. Nothing below this module touches the database.
+The runner orchestrates: it claims due posts (:mod:`listdelivery.lease`),
+decides whether a post is VERP'd and which delivery module sends it, has the
+SMTP replies judged (:mod:`listdelivery.rules`), writes each batch's results
+back, and decides when a post is done, retried, held or given up. The
+delivery modules send; the SMTP layer talks. Nothing below this module
+touches the database.
 
-Crash safety rests on two things. A row is claimed with a lease (a
-conditional UPDATE; ``SELECT … FOR UPDATE SKIP LOCKED`` first where the
-database has it), so no two runners hold a row at once, and an expired lease
-makes the row claimable again. Recipients are written back after every batch
-of ``CHECKPOINT_EVERY`` transactions, so a runner killed at any instant
-repeats at most the batch it had in flight.
+Recipients are written back after every batch of ``CHECKPOINT_EVERY``
+transactions, so a runner killed at any instant repeats at most the batch it
+had in flight; what a server accepted is recorded even when the rest of a
+checkpoint cannot be.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
@@ -28,26 +28,22 @@ from email.utils import getaddresses
 from functools import lru_cache
 from typing import Any
 
-from django.db import connection, transaction
-from django.db.models import Count, F, Q
+from django.db import DatabaseError, transaction
+from django.db.models import Count, Q
+from django.db.models.functions import Lower
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf
+from . import conf, redact, rules
 from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
 from .delivery import BaseDelivery, Post, Recipient
-from .models import (
-    BounceEvent,
-    MailingList,
-    Member,
-    OutgoingMessage,
-    OutgoingRecipient,
-    Personalization,
-)
-from .smtp import Outcome, SMTPPool
+from .lease import Heartbeat, Lease, LeaseLost, claim
+from .models import BounceEvent, MailingList, Member, OutgoingMessage, OutgoingRecipient
+from .rules import PostFailure, Verdicts, judge, storable_code, storable_text
+from .smtp import SMTPPool
 
 logger = logging.getLogger(__name__)
 smtp_log = logging.getLogger("listdelivery.smtp")
@@ -80,84 +76,28 @@ class RunSummary:
             f"{self.bounced} bounced; {self.transactions} SMTP transactions in {self.seconds:.2f} s"
         )
 
+    def count(self, status: str) -> None:
+        name = {
+            Status.DELIVERED: "delivered",
+            Status.RETRY: "retrying",
+            Status.HELD: "held",
+            Status.FAILED: "failed",
+            Status.DISCARDED: "discarded",
+        }[status]
+        setattr(self, name, getattr(self, name) + 1)
+
 
 def decide_verp(mlist: MailingList, metadata: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Mailman's rule (``runners/outgoing.py``), in its order.
-
-    Metadata ``verp`` wins; a personalized list is VERP'd only with
-    ``VERP_PERSONALIZED_DELIVERIES``; otherwise ``VERP_DELIVERY_INTERVAL`` 0
-    never, 1 always, N when the list's current ``post_id`` is a multiple of N.
-    """
-    if "verp" in metadata:
-        return bool(metadata["verp"])
-    if mlist.personalize != Personalization.NONE:
-        return bool(config["VERP_PERSONALIZED_DELIVERIES"])
-    interval = config["VERP_DELIVERY_INTERVAL"]
-    if interval <= 0:
-        return False
-    return interval == 1 or mlist.post_id % interval == 0
-
-
-def is_permanent(code: int) -> bool:
-    """5xx is permanent, except 552, which RFC 5321 lets mean "too many recipients"."""
-    return code >= 500 and code != 552
-
-
-@dataclass
-class Verdicts:
-    """What one batch of outcomes means, grouped for a fixed number of UPDATEs."""
-
-    groups: dict[tuple[str, int | None, str], list[str]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    post_failure: tuple[str, str] | None = None  # (status for the post, reason)
-    transactions: int = 0
-
-    def add(
-        self, status: str, addresses: Iterable[str], code: int | None = None, text: str = ""
-    ) -> None:
-        self.groups[(status, code, text)].extend(addresses)
-
-
-def judge(outcomes: Iterable[Outcome]) -> Verdicts:
-    """Sort SMTP outcomes into sent, deferred, bounced and failed recipients, and post-level trouble.
-
-    Unlike Mailman, a failure that is not about a recipient (bad credentials,
-    TLS, a 5xx to MAIL FROM, a 5xx at DATA for several recipients) never
-    becomes a bounce: the recipients stay queued and the post is held.
-    """
-    verdicts = Verdicts()
-    for outcome in outcomes:
-        verdicts.transactions += 1
-        recipients = outcome.transaction.recipients
-        failure = outcome.failure
-        if failure is None:
-            verdicts.add(RStatus.SENT, outcome.accepted)
-            for address, (code, text) in outcome.refused.items():
-                status = RStatus.BOUNCED if is_permanent(code) else RStatus.DEFERRED
-                verdicts.add(status, [address], code, text)
-            continue
-        if failure.stage == "smtputf8":
-            verdicts.add(RStatus.FAILED, recipients, failure.code, failure.text)
-        elif failure.stage == "data" and len(recipients) == 1 and is_permanent(failure.code):
-            verdicts.add(RStatus.BOUNCED, recipients, failure.code, failure.text)
-        else:
-            verdicts.add(RStatus.DEFERRED, recipients, failure.code, failure.text)
-            reason = f"SMTP {failure.stage} failed: {failure.code} {failure.text}"
-            if is_permanent(failure.code) or failure.stage == "tls":
-                verdicts.post_failure = (Status.HELD, reason)
-            elif failure.concerns_session and verdicts.post_failure is None:
-                verdicts.post_failure = (Status.RETRY, reason)
-    return verdicts
+    """Mailman's VERP rule for ``mlist``'s current post (see :func:`listdelivery.rules.decide_verp`)."""
+    return rules.decide_verp(mlist.personalize, mlist.post_id, metadata, config)
 
 
 @dataclass
 class Ending:
-    """How a post leaves this run: its status, why, and when it is due again."""
+    """How a post leaves this run: its status, why, and the row fields that go with it."""
 
     status: str
     error: str = ""
-    retry_at: datetime | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     give_up: bool = False  # its open recipients become failed
 
@@ -168,10 +108,6 @@ class Prefetched:
 
     recipients: dict[str, int]
     complete: bool
-
-
-class LeaseLost(Exception):
-    """Another runner took the row over after our lease expired: stop touching it."""
 
 
 class OutgoingRunner:
@@ -193,7 +129,10 @@ class OutgoingRunner:
         summary = RunSummary()
         began = time.monotonic()
         started = timezone.now()
-        with SMTPPool(config) as pool:
+        due = Q(status__in=OutgoingMessage.WAITING, next_attempt_at__lte=started)
+        if self.list_address:
+            due &= Q(mailing_list__address__iexact=self.list_address)
+        with SMTPPool(config) as pool, Heartbeat(config["LEASE_DURATION"]) as heartbeat:
             modules = {
                 name: import_string(config[name])(pool, config)
                 for name in ("BULK_DELIVERY", "INDIVIDUAL_DELIVERY")
@@ -202,123 +141,127 @@ class OutgoingRunner:
                 wanted = config["CLAIM_BATCH"]
                 if self.limit is not None:
                     wanted = min(wanted, self.limit - summary.posts)
-                token, rows = self.claim(started, wanted)
+                token, rows = claim(due, wanted, config["LEASE_DURATION"])
                 if not rows:
                     break
                 known = self._prefetch_recipients(rows)
-                for row in rows:
+                leases = [
+                    Lease(row, token, config["LEASE_DURATION"], first=index == 0)
+                    for index, row in enumerate(rows)
+                ]
+                for lease in leases:
                     summary.posts += 1
-                    self._process_safely(row, token, modules, summary, known.get(row.pk))
+                    heartbeat.watch(lease)
+                    try:
+                        self._process_safely(lease, modules, summary, known.get(lease.row.pk))
+                    finally:
+                        heartbeat.watch(None)
                     if self.on_post:
-                        self.on_post(row, summary)
+                        self.on_post(lease.row, summary)
         if summary.bounced:
             score_bounces()
         summary.seconds = time.monotonic() - began
         return summary
 
-    # -- claiming -----------------------------------------------------------
-
-    def claim(self, started: datetime, count: int) -> tuple[str, list[OutgoingMessage]]:
-        """Lease up to ``count`` due rows to this runner; nobody else can hold them meanwhile."""
-        now = timezone.now()
-        token = uuid.uuid4().hex
-        due = Q(status__in=OutgoingMessage.WAITING, next_attempt_at__lte=started) & (
-            Q(leased_until__isnull=True) | Q(leased_until__lt=now)
-        )
-        candidates = OutgoingMessage.objects.filter(due)
-        if self.list_address:
-            candidates = candidates.filter(mailing_list__address__iexact=self.list_address)
-        with transaction.atomic():
-            candidates = candidates.order_by("next_attempt_at", "id")
-            if connection.features.has_select_for_update_skip_locked:
-                candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-            ids = list(candidates.values_list("id", flat=True)[:count])
-            if not ids:
-                return token, []
-            OutgoingMessage.objects.filter(due, id__in=ids).update(
-                lease_token=token,
-                leased_until=now + self.config["LEASE_DURATION"],
-                attempts=F("attempts") + 1,
-            )
-        rows = (
-            OutgoingMessage.objects.filter(lease_token=token, id__in=ids)
-            .select_related("mailing_list")
-            .order_by("next_attempt_at", "id")
-        )
-        return token, list(rows)
-
     # -- one post -----------------------------------------------------------
 
     def _process_safely(
         self,
-        row: OutgoingMessage,
-        token: str,
+        lease: Lease,
         modules: dict[str, BaseDelivery],
         summary: RunSummary,
         known: Prefetched | None = None,
     ) -> None:
         try:
-            self._keep_lease(row, token)
-            self._process(row, token, modules, summary, known)
+            lease.start()
+            self._process(lease, modules, summary, known)
         except LeaseLost:
             logger.warning(
                 "Stopped delivering %s: it was discarded, or its lease expired and another "
                 "runner took it over",
-                _label(row),
+                _label(lease.row),
             )
         except Exception as error:
-            logger.exception(
-                "Unexpected error while delivering %s; it will be retried", _label(row)
-            )
-            self._finish(
-                row,
-                token,
-                Status.RETRY,
-                summary,
-                error=f"unexpected error: {type(error).__name__}: {error}",
-                retry_at=self._backoff(row),
-            )
+            self._after_unexpected_error(lease, summary, error)
 
-    def _keep_lease(self, row: OutgoingMessage, token: str) -> None:
-        """Renew a claimed post's lease if it waited long behind the others of its claim.
+    def _after_unexpected_error(self, lease: Lease, summary: RunSummary, error: Exception) -> None:
+        """Retry a post that met an error of our own, but not for ever.
 
-        A lease that ran out before the post was even started may already be
-        another runner's: sending then would duplicate, so check first.
+        After ``UNEXPECTED_ERROR_LIMIT`` such attempts in a row, or past the retry
+        deadline, the post fails with the error as its reason.
         """
+        row = lease.row
+        description = self._describe(error)
+        streak = row.unexpected_errors + 1
+        limit = self.config["UNEXPECTED_ERROR_LIMIT"]
+        logger.error(
+            "Unexpected error while delivering %s (%d of %d in a row):\n%s",
+            _label(row),
+            streak,
+            limit,
+            self._redact("".join(traceback.format_exception(error)[:-1])) + description,
+        )
         now = timezone.now()
-        lease = self.config["LEASE_DURATION"]
-        if row.leased_until and row.leased_until - now > lease / 2:
-            return
-        if not self._fenced(row, token).update(leased_until=now + lease):
-            raise LeaseLost(row.pk)
-        row.leased_until = now + lease
+        deadline = row.deliver_until or now + self.config["DELIVERY_RETRY_PERIOD"]
+        if streak >= limit or now > deadline:
+            reason = f"failed: the same kind of error {streak} times in a row: {description}"
+            fields = {"unexpected_errors": streak, "finished_at": now}
+            ending = Ending(Status.FAILED, reason, fields, give_up=True)
+        else:
+            reason = f"unexpected error ({streak} of {limit} before giving up): {description}"
+            ending = Ending(
+                Status.RETRY,
+                reason,
+                {
+                    "next_attempt_at": self._backoff(row),
+                    "deliver_until": deadline,
+                    "unexpected_errors": streak,
+                },
+            )
+        try:
+            self._end_alone(lease, summary, ending)
+        except (LeaseLost, DatabaseError) as second:
+            logger.error("Could not record the error of %s: %s", _label(row), second)
+
+    def _describe(self, error: BaseException) -> str:
+        """The error in words that hold no secret (a Unicode error quotes the text it failed on)."""
+        if isinstance(error, UnicodeError):
+            text = f"{type(error).__name__}: text that cannot be encoded or decoded"
+        else:
+            text = f"{type(error).__name__}: {error}"
+        return storable_text(self._redact(text))
+
+    def _redact(self, text: str) -> str:
+        return redact.without(self.config["SMTP_PASSWORD"], text)
 
     def _process(
         self,
-        row: OutgoingMessage,
-        token: str,
+        lease: Lease,
         modules: dict[str, BaseDelivery],
         summary: RunSummary,
         known: Prefetched | None,
     ) -> None:
+        row = lease.row
         mlist = row.mailing_list
         if mlist is None:
-            self._discard(row, token, summary, f"the mailing list {row.list_id} was deleted")
+            self._discard(lease, summary, f"the mailing list {row.list_id} was deleted")
             return
         raw = row.raw
         headers = BytesHeaderParser().parsebytes(raw)
         if not headers.keys():
-            self._discard(row, token, summary, "the message has no header fields: it is not a post")
+            self._discard(lease, summary, "the message has no header fields: it is not a post")
             return
         metadata = dict(row.metadata) if isinstance(row.metadata, dict) else {}
         unsaved: dict[str, Any] = {}  # row fields written with the first checkpoint
         if "verp" not in metadata:
             metadata["verp"] = decide_verp(mlist, metadata, self.config)
             unsaved["metadata"] = metadata
+        if row.unexpected_errors:
+            unsaved["unexpected_errors"] = 0
         sender = metadata.get("sender") or mlist.bounces_address
         problem = address_problem(sender)
         if problem:
-            self._discard(row, token, summary, f"the envelope sender {sender!r} {problem}")
+            self._discard(lease, summary, f"the envelope sender {sender!r} {problem}")
             return
         post = Post(
             message=raw,
@@ -330,7 +273,7 @@ class OutgoingRunner:
             metadata=metadata,
             decoration=self._decoration(mlist, metadata),
         )
-        individual = post.verp or mlist.personalize != Personalization.NONE
+        individual = post.verp or mlist.personalize != "none"
         module = modules["INDIVIDUAL_DELIVERY" if individual else "BULK_DELIVERY"]
         began = time.monotonic()
         tally: Counter[str] = Counter()
@@ -339,18 +282,20 @@ class OutgoingRunner:
         ended = False
         for batch, last in self._open_recipients(row, module.batch_size, known):
             recipients = self._addressees(mlist, batch, individual)
-            verdicts = judge(module.deliver(post, recipients))
+            verdicts = judge(module.deliver(post, recipients, stop=lease.lost))
             tally["transactions"] += verdicts.transactions
             for (status, code, text), addresses in verdicts.groups.items():
                 tally[status] += len(addresses)
                 if status != RStatus.SENT:
                     refusals.extend((address, code, text) for address in addresses)
             post_failure = verdicts.post_failure
+            # A batch cut short by a lost lease is not the last, whatever was read.
+            last = last and not lease.lost.is_set()
             # After the last batch the tally often proves the outcome: end in the same write.
             ending = (
                 self._ending_from_tally(row, tally, refusals) if last and not post_failure else None
             )
-            self._checkpoint(row, token, mlist, post, batch, verdicts, unsaved, ending, summary)
+            self._checkpoint(lease, mlist, post, batch, verdicts, unsaved, ending, summary)
             unsaved = {}
             if post_failure or last:
                 ended = ending is not None
@@ -363,7 +308,7 @@ class OutgoingRunner:
         summary.deferred += tally[RStatus.DEFERRED]
         summary.bounced += tally[RStatus.BOUNCED]
         if not ended:
-            self._conclude(row, token, summary, post_failure, _last_reply(refusals), unsaved)
+            self._conclude(lease, summary, post_failure, _last_reply(refusals), unsaved)
 
     def _prefetch_recipients(self, rows: list[OutgoingMessage]) -> dict[int, Prefetched]:
         """The open recipients of all the claimed posts, in one query of at most
@@ -430,16 +375,21 @@ class OutgoingRunner:
     def _addressees(
         self, mlist: MailingList, batch: dict[str, int], individual: bool
     ) -> list[Recipient]:
-        """The batch's recipients, with member names and ids for personal copies (one query)."""
+        """The batch's recipients, with member names and ids for personal copies (one query).
+
+        Members are matched whatever the case of the address, as they are stored.
+        """
         if not individual:
             return [Recipient(address) for address in batch]
         members = {
-            address: (name, pk)
-            for address, name, pk in Member.objects.filter(
-                mailing_list=mlist, address__in=list(batch)
-            ).values_list("address", "display_name", "pk")
+            address.casefold(): (name, pk)
+            for address, name, pk in Member.objects.annotate(key=Lower("address"))
+            .filter(mailing_list=mlist, key__in=[a.lower() for a in batch])
+            .values_list("address", "display_name", "pk")
         }
-        return [Recipient(address, *members.get(address, ("", None))) for address in batch]
+        return [
+            Recipient(address, *members.get(address.casefold(), ("", None))) for address in batch
+        ]
 
     def _decoration(self, mlist: MailingList, metadata: dict[str, Any]) -> Decoration:
         """List headers always; header and footer unless the post says not to (Mailman's keys)."""
@@ -463,13 +413,9 @@ class OutgoingRunner:
 
     # -- bookkeeping --------------------------------------------------------
 
-    def _fenced(self, row: OutgoingMessage, token: str):
-        return OutgoingMessage.objects.filter(pk=row.pk, lease_token=token)
-
     def _checkpoint(
         self,
-        row: OutgoingMessage,
-        token: str,
+        lease: Lease,
         mlist: MailingList,
         post: Post,
         batch: dict[str, int],
@@ -478,44 +424,61 @@ class OutgoingRunner:
         ending: Ending | None,
         summary: RunSummary,
     ) -> None:
-        """Write one batch's results, and renew the lease or end the post, in one transaction."""
-        now = timezone.now()
-        bounces = [
-            BounceEvent(
-                mailing_list=mlist,
-                address=address,
-                smtp_code=code,
-                smtp_message=text,
-                message_id=post.message_id,
-                context=BounceEvent.Context.NORMAL,
-                created_at=now,
-            )
-            for (status, code, text), addresses in verdicts.groups.items()
-            if status == RStatus.BOUNCED
-            for address in addresses
-        ]
-        with transaction.atomic():
-            for (status, code, text), addresses in verdicts.groups.items():
-                finished = None if status == RStatus.DEFERRED else now
-                for ids in _chunks([batch[a] for a in addresses if a in batch]):
-                    # What the server accepted is a fact, even for a post discarded meanwhile.
-                    current = (
-                        ~Q(status=RStatus.SENT)
-                        if status == RStatus.SENT
-                        else Q(status__in=OutgoingRecipient.OPEN)
-                    )
-                    OutgoingRecipient.objects.filter(current, id__in=ids).update(
-                        status=status, smtp_code=code, smtp_message=text, finished_at=finished
-                    )
-            if bounces:
-                BounceEvent.objects.bulk_create(bounces)
-            if ending:
-                kept = self._end(row, token, summary, ending, **unsaved)
-            else:
-                lease = now + self.config["LEASE_DURATION"]
-                kept = self._fenced(row, token).update(leased_until=lease, **unsaved)
+        """Write one batch's results, and renew the lease or end the post, in one transaction.
+
+        Should that transaction fail, the recipients the server accepted are
+        recorded on their own before the error goes on: they must never be sent again.
+        """
+        groups = verdicts.groups
+        sent = [batch[a] for a in groups.pop((RStatus.SENT, None, ""), []) if a in batch]
+        try:
+            with transaction.atomic():
+                _record_sent(sent)
+                self._record_refusals(mlist, post, batch, groups)
+                if ending:
+                    kept = self._end(lease, summary, ending, **unsaved)
+                else:
+                    kept = lease.fenced().update(leased_until=lease.expiry(), **unsaved)
+        except DatabaseError:
+            with transaction.atomic():
+                _record_sent(sent)
+            raise
         if not kept:
-            raise LeaseLost(row.pk)
+            lease.lost.set()
+            raise LeaseLost(lease.row.pk)
+        lease.renewed_at = time.monotonic()
+
+    def _record_refusals(
+        self,
+        mlist: MailingList,
+        post: Post,
+        batch: dict[str, int],
+        groups: dict[tuple[str, int | None, str], list[str]],
+    ) -> None:
+        now = timezone.now()
+        bounces = []
+        for (status, code, text), addresses in groups.items():
+            code, text = storable_code(code), storable_text(text)
+            finished = None if status == RStatus.DEFERRED else now
+            for ids in _chunks([batch[a] for a in addresses if a in batch]):
+                OutgoingRecipient.objects.filter(
+                    id__in=ids, status__in=OutgoingRecipient.OPEN
+                ).update(status=status, smtp_code=code, smtp_message=text, finished_at=finished)
+            if status == RStatus.BOUNCED:
+                bounces += [
+                    BounceEvent(
+                        mailing_list=mlist,
+                        address=address,
+                        smtp_code=code,
+                        smtp_message=text,
+                        message_id=storable_text(post.message_id, 998),
+                        context=BounceEvent.Context.NORMAL,
+                        created_at=now,
+                    )
+                    for address in addresses
+                ]
+        if bounces:
+            BounceEvent.objects.bulk_create(bounces)
 
     def _ending_from_tally(
         self, row: OutgoingMessage, tally: Counter[str], refusals: list
@@ -528,13 +491,13 @@ class OutgoingRunner:
 
     def _conclude(
         self,
-        row: OutgoingMessage,
-        token: str,
+        lease: Lease,
         summary: RunSummary,
-        post_failure: tuple[str, str] | None,
+        post_failure: PostFailure | None,
         last_reply: str = "",
         unsaved: dict[str, Any] | None = None,
     ) -> None:
+        row = lease.row
         counts = dict(
             OutgoingRecipient.objects.filter(message=row)
             .values_list("status")
@@ -542,27 +505,40 @@ class OutgoingRunner:
             .values_list("status", "n")
         )
         if not counts:
-            self._discard(row, token, summary, "no recipients: nothing to deliver")
+            self._discard(lease, summary, "no recipients: nothing to deliver")
             return
         still_open = counts.get(RStatus.PENDING, 0) + counts.get(RStatus.DEFERRED, 0)
         ending = self._ending(
             row, still_open, bool(counts.get(RStatus.SENT)), post_failure, last_reply
         )
-        self._end_alone(row, token, summary, ending, **(unsaved or {}))
+        self._end_alone(lease, summary, ending, **(unsaved or {}))
 
     def _ending(
         self,
         row: OutgoingMessage,
         still_open: int,
         any_sent: bool,
-        post_failure: tuple[str, str] | None,
+        post_failure: PostFailure | None,
         last_reply: str,
     ) -> Ending:
-        """Delivered, failed, or retried later under Mailman's progress rule."""
+        """Delivered, failed, held for an administrator, or retried under Mailman's progress rule."""
         if not still_open:
             if any_sent:
-                return Ending(Status.DELIVERED)
-            return Ending(Status.FAILED, "no recipient accepted the post")
+                return Ending(Status.DELIVERED, fields={"finished_at": timezone.now()})
+            return Ending(
+                Status.FAILED,
+                "no recipient accepted the post",
+                {"finished_at": timezone.now()},
+            )
+        if post_failure and post_failure.needs_admin:
+            logger.error(
+                "Holding %s until an administrator acts: %s", _label(row), post_failure.reason
+            )
+            return Ending(
+                Status.HELD,
+                f"{post_failure.reason} (held until an administrator retries it)",
+                {"next_attempt_at": None, "last_failure_count": still_open},
+            )
         now = timezone.now()
         deadline = row.deliver_until
         if still_open != row.last_failure_count or deadline is None:
@@ -573,39 +549,40 @@ class OutgoingRunner:
                 f"gave up: {still_open} recipients still failing after "
                 f"{self.config['DELIVERY_RETRY_PERIOD']} without progress"
             )
-            return Ending(Status.FAILED, reason, give_up=True)
-        status, reason = post_failure or (
-            Status.RETRY,
-            f"{still_open} recipients to retry; last reply: {last_reply or 'none'}",
-        )
+            return Ending(Status.FAILED, reason, {"finished_at": now}, give_up=True)
         if post_failure:
+            status, reason = post_failure.status, post_failure.reason
             verb = "Holding" if status == Status.HELD else "Will retry"
             logger.error("%s %s: %s", verb, _label(row), reason)
+        else:
+            status = Status.RETRY
+            reason = f"{still_open} recipients to retry; last reply: {last_reply or 'none'}"
         return Ending(
             status,
             reason,
-            retry_at=self._backoff(row),
-            fields={"deliver_until": deadline, "last_failure_count": still_open},
+            {
+                "next_attempt_at": self._backoff(row),
+                "deliver_until": deadline,
+                "last_failure_count": still_open,
+            },
         )
 
-    def _end(
-        self, row: OutgoingMessage, token: str, summary: RunSummary, ending: Ending, **fields: Any
-    ) -> bool:
+    def _end(self, lease: Lease, summary: RunSummary, ending: Ending, **fields: Any) -> bool:
         """Apply an ending inside the caller's transaction; ``False`` if the lease was lost."""
+        row = lease.row
+        now = timezone.now()
         if ending.give_up:
             OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
-                status=RStatus.FAILED, smtp_message=ending.error[:1000], finished_at=timezone.now()
+                status=RStatus.FAILED, smtp_message=storable_text(ending.error), finished_at=now
             )
-        return self._finish(
-            row,
-            token,
-            ending.status,
-            summary,
-            error=ending.error,
-            retry_at=ending.retry_at,
-            **ending.fields,
-            **fields,
-        )
+        error = storable_text(ending.error, 10_000)
+        if not lease.end(
+            status=ending.status, last_error=error, updated_at=now, **ending.fields, **fields
+        ):
+            return False
+        row.status, row.last_error = ending.status, error
+        summary.count(ending.status)
+        return True
 
     def _backoff(self, row: OutgoingMessage) -> datetime:
         """Exponential, from ``DELIVERY_RETRY_DELAY`` up to ``DELIVERY_RETRY_MAX_DELAY``, with jitter."""
@@ -614,57 +591,17 @@ class OutgoingRunner:
         delay = max(delay, timedelta(seconds=1))
         return timezone.now() + delay * random.uniform(1.0, 1.2)
 
-    def _discard(self, row: OutgoingMessage, token: str, summary: RunSummary, reason: str) -> None:
-        logger.error("Discarding %s: %s", _label(row), reason)
-        self._end_alone(row, token, summary, Ending(Status.DISCARDED, reason, give_up=True))
+    def _discard(self, lease: Lease, summary: RunSummary, reason: str) -> None:
+        logger.error("Discarding %s: %s", _label(lease.row), reason)
+        ending = Ending(Status.DISCARDED, reason, {"finished_at": timezone.now()}, give_up=True)
+        self._end_alone(lease, summary, ending)
 
-    def _end_alone(
-        self, row: OutgoingMessage, token: str, summary: RunSummary, ending: Ending, **fields: Any
-    ) -> None:
+    def _end_alone(self, lease: Lease, summary: RunSummary, ending: Ending, **fields: Any) -> None:
         """Apply an ending in a transaction of its own."""
         with transaction.atomic():
-            kept = self._end(row, token, summary, ending, **fields)
+            kept = self._end(lease, summary, ending, **fields)
         if not kept:
-            raise LeaseLost(row.pk)
-
-    def _finish(
-        self,
-        row: OutgoingMessage,
-        token: str,
-        status: str,
-        summary: RunSummary,
-        *,
-        error: str = "",
-        retry_at: datetime | None = None,
-        **fields: Any,
-    ) -> bool:
-        """Record the row's new status and let go of the lease; ``False`` if it was not ours."""
-        now = timezone.now()
-        if retry_at is not None:
-            fields["next_attempt_at"] = retry_at
-        else:
-            fields["finished_at"] = now
-        updated = self._fenced(row, token).update(
-            status=status,
-            last_error=error,
-            lease_token="",
-            leased_until=None,
-            updated_at=now,
-            **fields,
-        )
-        if not updated:
-            return False
-        row.status = status
-        row.last_error = error
-        counter = {
-            Status.DELIVERED: "delivered",
-            Status.RETRY: "retrying",
-            Status.HELD: "held",
-            Status.FAILED: "failed",
-            Status.DISCARDED: "discarded",
-        }[status]
-        setattr(summary, counter, getattr(summary, counter) + 1)
-        return True
+            raise LeaseLost(lease.row.pk)
 
     def _log_delivery(
         self,
@@ -710,8 +647,23 @@ class OutgoingRunner:
             smtp_log.info("%s post to %s from %s, %d bytes", msgid, post.list_address, sender, size)
 
 
+def _record_sent(ids: list[int]) -> None:
+    """What the server accepted is a fact, whoever holds the post now: never fenced."""
+    for chunk in _chunks(ids):
+        OutgoingRecipient.objects.filter(id__in=chunk).exclude(status=RStatus.SENT).update(
+            status=RStatus.SENT, smtp_code=None, smtp_message="", finished_at=timezone.now()
+        )
+
+
 def _last_reply(refusals: list[tuple[str, int | None, str]]) -> str:
-    return next((f"{code} {text}" for _, code, text in reversed(refusals) if code), "")
+    return next(
+        (
+            f"{code} {text}" if code else text
+            for _, code, text in reversed(refusals)
+            if text or code
+        ),
+        "",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import conf
+from .redact import without_url_passwords
 from .runner import OutgoingRunner
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,18 @@ def enqueue_delivery(post_id: int | None = None) -> None:
     """Ask the cluster to deliver now; called once the post's row is committed."""
     if not tasks_enabled():
         return
-    from django_q.tasks import async_task
-
     name = f"deliver post {post_id}" if post_id else "deliver due posts"
-    async_task(TASK, task_name=name, group="listdelivery")
+    try:
+        from django_q.tasks import async_task
+
+        async_task(TASK, task_name=name, group="listdelivery")
+    except Exception as error:  # the broker is down or misconfigured: the sweep delivers it
+        logger.warning(
+            "Could not enqueue %r (%s: %s); the every-minute sweep will deliver it",
+            name,
+            type(error).__name__,
+            without_url_passwords(str(error)),
+        )
 
 
 def ensure_sweep_schedule(using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:

@@ -203,12 +203,12 @@ def test_a_refused_transaction_for_several_recipients_is_never_a_bounce(
     assert set(statuses(row).values()) == {RStatus.DEFERRED}
 
 
-def test_a_content_refusal_for_a_single_recipient_is_that_recipients_bounce(
+def test_a_mailbox_refusal_at_data_for_a_single_recipient_is_that_recipients_bounce(
     deliver_to, smtpd, mlist, first_post
 ):
     mlist.personalize = Personalization.INDIVIDUAL
     mlist.save()
-    smtpd.fail_data = "554 5.7.1 Rejected for policy reasons"
+    smtpd.fail_data = "550 5.1.1 No such user here"
     queue_post(mlist, first_post, {"recipients": ["only@example.com"]})
     run()
 

@@ -9,14 +9,19 @@ socket (the :class:`~listdelivery.smtp.SMTPPool` does).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from ..decorate import Decoration
 from ..personalize import PersonalTemplate
+from ..rules import resend_now
 from ..smtp import Outcome, SMTPPool, Transaction
+
+#: Rounds of transactions sent again at once (too many recipients, a hang-up after progress).
+FOLLOW_UP_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,65 @@ class BaseDelivery:
         """How many recipients the runner hands over between two checkpoints (``None``: all)."""
         return self.config["CHECKPOINT_EVERY"]
 
-    def deliver(self, post: Post, recipients: Sequence[Recipient]) -> list[Outcome]:
-        return self.pool.send_all(self.transactions(post, recipients))
+    def deliver(
+        self,
+        post: Post,
+        recipients: Sequence[Recipient],
+        stop: threading.Event | None = None,
+    ) -> list[Outcome]:
+        """Send the post to ``recipients``; stop taking new transactions once ``stop`` is set.
+
+        Some replies ask for another transaction at once rather than a retry
+        later (see :meth:`follow_ups`): those are sent straight away, and the
+        outcomes returned say, for each recipient, the last thing the server said.
+        """
+        outcomes = self.pool.send_all(self.transactions(post, recipients), stop=stop)
+        final: list[Outcome] = []
+        for round_number in range(FOLLOW_UP_ROUNDS + 1):
+            again: list[Transaction] = []
+            for outcome in outcomes:
+                extra = self.follow_ups(post, outcome) if round_number < FOLLOW_UP_ROUNDS else []
+                if extra:
+                    outcome = _without(outcome, {r for t in extra for r in t.recipients})
+                if outcome is not None:
+                    final.append(outcome)
+                again += extra
+            if not again or (stop is not None and stop.is_set()):
+                break  # recipients of transactions not sent stay open
+            outcomes = self.pool.send_all(again, stop=stop)
+        return final
 
     def transactions(self, post: Post, recipients: Sequence[Recipient]) -> Iterator[Transaction]:
         raise NotImplementedError
+
+    def follow_ups(self, post: Post, outcome: Outcome) -> list[Transaction]:
+        """Transactions to send at once for some recipients of ``outcome``.
+
+        By default those the server refused as "too many recipients", in
+        transactions no larger than it accepted, and those it never answered
+        before hanging up after some final answers.
+        """
+        again = resend_now(outcome)
+        if not again:
+            return []
+        sent = outcome.transaction
+        size = len(sent.recipients) - len(outcome.refused) if not outcome.failure else 0
+        size = size or len(again)
+        return [
+            Transaction(sent.sender, again[start : start + size], sent.message)
+            for start in range(0, len(again), size)
+        ]
+
+
+def _without(outcome: Outcome, resent: Iterable[str]) -> Outcome | None:
+    """``outcome`` without the recipients sent again; ``None`` if none is left."""
+    resent = set(resent)
+    sent = outcome.transaction
+    recipients = [r for r in sent.recipients if r not in resent]
+    if not recipients:
+        return None
+    refused = {a: reply for a, reply in outcome.refused.items() if a not in resent}
+    failure = outcome.failure
+    if failure is not None and all(r in refused for r in recipients):
+        failure = None  # everyone left has a final answer; the failure is the resent ones'
+    return Outcome(Transaction(sent.sender, recipients, sent.message), refused, failure)

@@ -7,22 +7,18 @@ Redis URL's password included. listdelivery sits before ``django_q`` in
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django_q.conf import Conf
 from django_q.management.commands.qinfo import Command as QInfoCommand
 
-SECRET_NAMES = re.compile(r"SECRET|PASSWORD|TOKEN|KEY", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
-MASK = "********"
+from listdelivery.redact import masked
+
 NOT_SETTINGS = {"IDLE", "STOPPING", "STARTING", "WORKING", "STOPPED", "SIGNAL_NAMES"}
 
 
 def mask(name: str, value: Any) -> str:
-    if SECRET_NAMES.search(name) and value:
-        return MASK
-    return URL_PASSWORD.sub(rf"\g<scheme>{MASK}@", str(value))
+    return str(masked(name, value))
 
 
 class Command(QInfoCommand):

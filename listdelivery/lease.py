@@ -1,0 +1,199 @@
+"""The lease protocol: how runners own posts. The only code that writes a lease.
+
+Invariants:
+
+1. A runner sends for a post only while it holds the post's lease: the row's
+   ``lease_token`` is the runner's token for that claim, its ``leased_until``
+   is in the future, and its status is waiting (queued, retry, held).
+2. Claiming is one conditional UPDATE of due rows whose lease is free or
+   expired (``SELECT … FOR UPDATE SKIP LOCKED`` first where the database has
+   it), with a token no one else has. So no two runners hold a row at once.
+3. Every write a runner makes about a post it holds is fenced: ``WHERE pk =
+   … AND lease_token = … AND status IN (waiting)``. A fenced write that
+   matches no row means the lease is gone — the post was discarded or paused,
+   or the lease expired and another runner claimed it — and the runner stops
+   without sending another transaction (:class:`LeaseLost`). The one write
+   that is not fenced is the record of recipients a server accepted: that is a
+   fact whoever holds the post.
+4. Every post of a claim but the first is started with a fenced renewal, so a
+   post discarded or taken over while it waited behind the others of its claim
+   is never started. (The first starts within milliseconds of the claim, which
+   was its check.)
+5. While a runner works on a post, a heartbeat thread renews the lease every
+   third of ``LEASE_DURATION``, however slow the server. When a renewal finds
+   the lease gone, or renewals fail for so long that the lease may have run
+   out, :attr:`Lease.lost` is set and the SMTP layer stops taking new
+   transactions; the runner then stops.
+6. Ending a post (its next or final status) releases the lease in the same
+   fenced UPDATE that writes the status.
+7. A runner that dies leaves its lease to expire; the post is then claimable
+   again and at most the batch in flight since its last checkpoint is sent
+   again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, Q, QuerySet
+from django.utils import timezone
+
+from .models import OutgoingMessage
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two renewals at the shortest, whatever the lease duration.
+MIN_HEARTBEAT = 0.2
+
+UNLEASED: dict[str, Any] = {"lease_token": "", "leased_until": None}
+
+
+class LeaseLost(Exception):
+    """The post is no longer ours (discarded, or taken over after our lease expired): stop."""
+
+
+def free() -> Q:
+    """Rows no runner holds now."""
+    return Q(leased_until__isnull=True) | Q(leased_until__lt=timezone.now())
+
+
+def claim(due: Q, count: int, duration: timedelta) -> tuple[str, list[OutgoingMessage]]:
+    """Lease up to ``count`` rows matching ``due`` (and free) to a new token, oldest due first."""
+    now = timezone.now()
+    token = uuid.uuid4().hex
+    claimable = due & (Q(leased_until__isnull=True) | Q(leased_until__lt=now))
+    candidates = OutgoingMessage.objects.filter(claimable).order_by("next_attempt_at", "id")
+    with transaction.atomic():
+        if connection.features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        ids = list(candidates.values_list("id", flat=True)[:count])
+        if not ids:
+            return token, []
+        OutgoingMessage.objects.filter(claimable, id__in=ids).update(
+            lease_token=token, leased_until=now + duration, attempts=F("attempts") + 1
+        )
+    rows = (
+        OutgoingMessage.objects.filter(lease_token=token, id__in=ids)
+        .select_related("mailing_list")
+        .order_by("next_attempt_at", "id")
+    )
+    return token, list(rows)
+
+
+def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:
+    """Take the lease away from the rows (an administrator's action), writing ``fields`` too.
+
+    A runner holding one of them finds out at its next fenced write or heartbeat.
+    """
+    return queryset.update(**UNLEASED, **fields)
+
+
+class Lease:
+    """One post held by this runner under ``token``."""
+
+    def __init__(
+        self, row: OutgoingMessage, token: str, duration: timedelta, *, first: bool = False
+    ) -> None:
+        self.row = row
+        self.token = token
+        self.duration = duration
+        self.first = first  # the first post of its claim: the claim itself was its check
+        self.lost = threading.Event()
+        self.claimed_at = time.monotonic()
+        self.renewed_at = self.claimed_at
+
+    def fenced(self) -> QuerySet[OutgoingMessage]:
+        """The row, if and only if we still hold it (invariant 3)."""
+        return OutgoingMessage.objects.filter(
+            pk=self.row.pk, lease_token=self.token, status__in=OutgoingMessage.WAITING
+        )
+
+    def start(self) -> None:
+        """Before the first transaction: make sure a post that waited in its claim is still ours."""
+        if not self.first:
+            self.renew()
+        if self.lost.is_set():
+            raise LeaseLost(self.row.pk)
+
+    def renew(self, **fields: Any) -> None:
+        """Extend the lease, writing ``fields`` in the same fenced UPDATE; :class:`LeaseLost` if gone."""
+        began = time.monotonic()
+        if not self.fenced().update(leased_until=self.expiry(), **fields):
+            self.lost.set()
+            raise LeaseLost(self.row.pk)
+        self.renewed_at = began
+
+    def end(self, **fields: Any) -> bool:
+        """Write the post's new status and let go of the lease; ``False`` if it was not ours."""
+        return bool(self.fenced().update(**UNLEASED, **fields))
+
+    def expiry(self) -> datetime:
+        return timezone.now() + self.duration
+
+
+class Heartbeat:
+    """A thread that renews the lease of the post being delivered (invariant 5).
+
+    One per run: :meth:`watch` a lease while delivering it, :meth:`watch` ``None`` after.
+    """
+
+    def __init__(self, duration: timedelta) -> None:
+        self.interval = max(duration.total_seconds() / 3, MIN_HEARTBEAT)
+        self.duration = duration.total_seconds()
+        self._lease: Lease | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def watch(self, lease: Lease | None) -> None:
+        with self._lock:
+            self._lease = lease
+        if lease is not None and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._beat, name="listdelivery-heartbeat", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _beat(self) -> None:
+        try:
+            while not self._stopping.wait(self.interval):
+                with self._lock:
+                    lease = self._lease
+                    if lease is not None:
+                        self._renew(lease)
+        finally:
+            connection.close()  # this thread's own database connection
+
+    def _renew(self, lease: Lease) -> None:
+        if lease.lost.is_set() or time.monotonic() - lease.renewed_at < self.interval:
+            return  # a checkpoint renewed it just now
+        try:
+            lease.renew()
+        except LeaseLost:
+            logger.warning(
+                "Lost the lease on post %s while delivering it: stopping before the next "
+                "transaction",
+                lease.row.pk,
+            )
+        except DatabaseError as error:
+            logger.warning("Could not renew the lease on post %s: %s", lease.row.pk, error)
+            if time.monotonic() - lease.renewed_at > self.duration - self.interval:
+                lease.lost.set()  # it may have run out: someone else may hold it now
