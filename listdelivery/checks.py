@@ -9,7 +9,8 @@ Ids are stable and documented in the README:
 - ``listdelivery.E005`` a value has the wrong type (not a number, duration or yes/no).
 - ``listdelivery.E006`` a number is out of range.
 - ``listdelivery.E007`` ``VERP_DELIMITER`` is not a single separator character.
-- ``listdelivery.E010`` ``UNSUBSCRIBE_BASE_URL`` is set but is not an http(s) URL.
+- ``listdelivery.E010`` ``UNSUBSCRIBE_BASE_URL`` is set but is not an http(s) URL (or holds
+  characters no URL may hold unencoded: it goes into a header of every personal copy).
 - ``listdelivery.W001`` an unknown key in ``LISTDELIVERY`` (a typo is otherwise silent).
 - ``listdelivery.W002`` ``LEASE_DURATION`` is not longer than ``SMTP_TIMEOUT``.
 - ``listdelivery.W003`` only one of ``SMTP_USER`` and ``SMTP_PASSWORD`` is set.
@@ -116,17 +117,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     if len(delimiter) != 1 or delimiter.isalnum() or delimiter in "@ \t\r\n":
         found.append(
             _error(
-                "VERP_DELIMITER", f"is {delimiter!r}.", 7, hint="Use one character such as + or -."
+                "VERP_DELIMITER",
+                f"is {delimiter!r}.",
+                7,
+                hint="Use your MTA's recipient delimiter, one character such as + or -.",
             )
         )
     base_url = config["UNSUBSCRIBE_BASE_URL"]
-    if base_url and not re.fullmatch(r"https?://[^/\s<>\"]+[^\s<>\"]*", base_url):
+    if base_url and not re.fullmatch(r"https?://[^/\s<>\"{}|\\^`]+[^\s<>\"{}|\\^`]*", base_url):
         found.append(
             _error(
                 "UNSUBSCRIBE_BASE_URL",
-                f"is {base_url!r}, not an http(s) URL.",
+                f"is {base_url!r}, not an http(s) URL a header can carry.",
                 10,
-                hint="For example https://lists.example.com (the site that serves listdelivery.urls).",
+                hint="For example https://lists.example.com (the site that serves "
+                "listdelivery.urls), without spaces, quotes, braces or angle brackets.",
             )
         )
     if config["LEASE_DURATION"] <= config["SMTP_TIMEOUT"]:

@@ -277,3 +277,139 @@ def test_one_policy_refusal_among_accepted_recipients_fails_that_one_without_a_b
     assert statuses(row)["bperson@example.com"] == RStatus.FAILED
     assert not BounceEvent.objects.exists()
     assert smtpd.recipients_count() == {"aperson@example.com": 1, "cperson@example.com": 1}
+
+
+# -- replies that ask for another transaction, not a retry delay --------------------------
+
+
+def test_too_many_recipients_sends_the_rest_in_new_transactions_at_once(
+    deliver_to, smtpd, mlist, first_post
+):
+    deliver_to(MAX_RECIPIENTS=20)
+    smtpd.max_recipients = 5
+    recipients = [f"member{i:02d}@example.com" for i in range(17)]
+    row = queue_post(mlist, first_post, {"recipients": recipients})
+    summary = run()
+
+    row.refresh_from_db()
+    assert row.status == Status.DELIVERED, row.last_error
+    assert smtpd.recipients_count() == {address: 1 for address in recipients}
+    assert max(len(m.rcpt_tos) for m in smtpd.messages) == 5
+    assert summary.posts == 1 and not BounceEvent.objects.exists()
+
+
+def test_a_hang_up_after_too_many_errors_keeps_the_refusals_and_delivers_the_rest(
+    deliver_to, smtpd, mlist, first_post
+):
+    """Postfix's smtpd_hard_error_limit: answered refusals are facts; the rest go out again."""
+    deliver_to(MAX_RECIPIENTS=50)
+    smtpd.hard_error_limit = 5
+    unknown = [f"nobody{i:02d}@example.com" for i in range(12)]
+    valid = [f"member{i:02d}@example.com" for i in range(10)]
+    smtpd.fail_rcpt = {a: "550 5.1.1 User unknown" for a in unknown}
+    row = queue_post(mlist, first_post, {"recipients": unknown + valid})
+    run()
+
+    row.refresh_from_db()
+    assert row.status == Status.DELIVERED, row.last_error
+    assert smtpd.recipients_count() == {address: 1 for address in valid}
+    assert set(BounceEvent.objects.values_list("address", flat=True)) == set(unknown)
+    assert BounceEvent.objects.count() == len(unknown)
+
+
+def test_a_refused_verp_sender_falls_back_to_the_plain_bounces_address_for_that_copy(
+    deliver_to, smtpd, mlist, first_post
+):
+    mlist.personalize = Personalization.INDIVIDUAL
+    mlist.save()
+    smtpd.max_local_part = 40
+    long_local = "a.member.with.a.rather.long.local.part"
+    recipients = ["anne@example.com", f"{long_local}@example.com"]
+    row = queue_post(mlist, first_post, {"recipients": recipients}, verp=True)
+    run()
+
+    row.refresh_from_db()
+    assert row.status == Status.DELIVERED, row.last_error
+    senders = {m.rcpt_tos[0]: m.mail_from for m in smtpd.messages}
+    assert senders == {
+        "anne@example.com": "test-bounces+anne=example.com@example.com",
+        f"{long_local}@example.com": "test-bounces@example.com",
+    }
+
+
+# -- a post the server will never take is held, once --------------------------------------
+
+
+def test_a_post_over_the_servers_size_limit_is_held_without_uploading_it(
+    deliver_to, smtpd, mlist, first_post, caplog
+):
+    from email import message_from_string
+
+    smtpd.size_limit = 2000
+    big = message_from_string("From: a@example.com\nSubject: big\n\n" + "line of text\n" * 400)
+    row = queue_post(mlist, big)
+    run()
+
+    row.refresh_from_db()
+    assert row.status == Status.HELD
+    assert row.next_attempt_at is None
+    assert "5.3.4" in row.last_error and "2000" in row.last_error
+    assert smtpd.messages == [] and not BounceEvent.objects.exists()
+    assert run().posts == 0, "held for an administrator: no automatic re-upload"
+
+
+def test_a_size_refused_at_data_holds_the_post_for_an_administrator(
+    deliver_to, smtpd, mlist, first_post
+):
+    smtpd.fail_data = "552 5.3.4 Message file too big"
+    row = queue_post(mlist, first_post)
+    run()
+    row.refresh_from_db()
+    assert (row.status, row.next_attempt_at) == (Status.HELD, None)
+    assert "Message file too big" in row.last_error
+    assert not BounceEvent.objects.exists()
+
+
+def test_an_unreadable_reply_code_defers_the_recipient_and_says_so(
+    deliver_to, smtpd, mlist, first_post
+):
+    smtpd.fail_rcpt = {"bperson@example.com": "4x1 try later"}
+    row = queue_post(mlist, first_post)
+    run()
+
+    row.refresh_from_db()
+    assert row.status == Status.RETRY
+    bart = row.recipients.get(address="bperson@example.com")
+    assert (bart.status, bart.smtp_code) == (RStatus.DEFERRED, None)
+    assert "unreadable reply" in bart.smtp_message and "4x1 try later" in bart.smtp_message
+    make_due(row)
+    smtpd.fail_rcpt = {}
+    run()
+    assert smtpd.recipients_count() == {address: 1 for address in THREE}
+
+
+def test_a_non_ascii_password_that_is_wrong_holds_the_post_and_never_shows_it(
+    settings, mlist, first_post, caplog
+):
+    from listdelivery.testing import SMTPTestServer
+
+    with SMTPTestServer(auth=("list", "right-pässword")) as server:
+        settings.LISTDELIVERY = {
+            "SMTP_HOST": server.host,
+            "SMTP_PORT": server.port,
+            "SMTP_USER": "list",
+            "SMTP_PASSWORD": "wröng-pässword",
+        }
+        row = queue_post(mlist, first_post)
+        with caplog.at_level(logging.DEBUG, logger="listdelivery"):
+            run()
+        row.refresh_from_db()
+        assert row.status == Status.HELD
+        assert "auth" in row.last_error
+        for text in (row.last_error, caplog.text):
+            assert "wröng" not in text and "ö" not in text
+
+        settings.LISTDELIVERY = {**settings.LISTDELIVERY, "SMTP_PASSWORD": "right-pässword"}
+        make_due(row)
+        run()
+        assert [m.rcpt_tos for m in server.messages] == [THREE]

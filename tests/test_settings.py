@@ -192,3 +192,62 @@ def test_qinfo_config_masks_secrets():
     assert "REDIS: redis://:********@127.0.0.1:6379/0" in result.stdout
     assert "top-secret-key-42" not in result.stdout + result.stderr
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_qinfo_masks_passwords_in_broker_dicts_and_urls_with_an_at_sign():
+    from listdelivery.redact import masked
+
+    config = {
+        "host": "redis.internal",
+        "password": "hunter2",
+        "sqs": {"aws_region": "eu-west-1", "aws_secret_access_key": "AKIA-secret"},
+        "url": "redis://:p@ss@word@redis.internal:6379/0",
+    }
+    shown = str(masked("REDIS", config))
+    assert "redis.internal" in shown and "eu-west-1" in shown
+    for secret in ("hunter2", "AKIA-secret", "p@ss", "ss@word", "word@redis"):
+        assert secret not in shown
+    assert "redis://:********@redis.internal:6379/0" in shown
+
+
+@pytest.mark.parametrize(
+    "url", ["https://lists.example.com/{site}", "https://x.org/a b", "ftp://x"]
+)
+def test_an_unsubscribe_url_that_cannot_work_is_an_error(url):
+    assert "listdelivery.E010" in ids(UNSUBSCRIBE_BASE_URL=url)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_queueing_inside_a_transaction_with_the_broker_down_never_raises_to_the_caller():
+    """Issue 10, point 22: the row commits; the sweep delivers the post within a minute."""
+    from listdelivery.models import MailingList, OutgoingMessage
+
+    from .conftest import database_url
+
+    MailingList.objects.create(address="broker@example.com")
+    script = (
+        "from email import message_from_string\n"
+        "from django.db import transaction\n"
+        "from listdelivery.models import MailingList\n"
+        "from listdelivery.pipeline import to_outgoing\n"
+        "mlist = MailingList.objects.get(address='broker@example.com')\n"
+        "msg = message_from_string('From: a@example.com\\nSubject: down\\n\\nHi\\n')\n"
+        "with transaction.atomic():\n"
+        "    row = to_outgoing(mlist, msg, {'recipients': ['a@example.org']})\n"
+        "print('queued', row.pk)\n"
+    )
+    result = _manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        script,
+        DATABASE_URL=database_url(),
+        Q_BROKER="redis",
+        REDIS_URL="redis://:broker-secret@127.0.0.1:1/0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("queued"), result.stderr
+    assert "Could not enqueue" in result.stderr and "sweep" in result.stderr
+    assert "broker-secret" not in result.stderr
+    assert OutgoingMessage.objects.get().status == OutgoingMessage.Status.QUEUED
