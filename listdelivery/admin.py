@@ -10,7 +10,6 @@ whatever its size.
 from __future__ import annotations
 
 import email
-from email.header import decode_header, make_header
 from email.message import Message
 from typing import Any
 
@@ -39,6 +38,7 @@ from .models import (
     OutgoingMessage,
     OutgoingRecipient,
 )
+from .pipeline import header_text
 
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
@@ -127,10 +127,7 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
 
 
 def _header_text(value: Any) -> str:
-    try:
-        return str(make_header(decode_header(str(value))))
-    except (UnicodeError, LookupError, ValueError):
-        return str(value)
+    return header_text(value)  # never raises: a malformed encoded word stays as written
 
 
 def first_text(msg: Message) -> str:
@@ -274,7 +271,11 @@ class MemberAdmin(admin.ModelAdmin):
         changed = (
             Member.objects.filter(pk__in=queryset.values("pk"))
             .exclude(delivery_status=status)
-            .update(delivery_status=status)
+            .update(
+                delivery_status=status,
+                # enabled again: the bounce score starts afresh, or the next bounce disables at once
+                **({"bounce_score": 0} if status == DeliveryStatus.ENABLED else {}),
+            )
         )
         text = ngettext(
             "Delivery is now “%(status)s” for %(count)d member.",
@@ -296,7 +297,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         "message_id",
         "remaining",
         "attempts",
-        "next_attempt_at",
+        "next_attempt",
         "deliver_until",
         "error",
     )
@@ -327,9 +328,10 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
             {
                 "fields": (
                     "attempts",
-                    "next_attempt_at",
+                    "next_attempt",
                     "deliver_until",
                     "last_failure_count",
+                    "unexpected_errors",
                     "last_error",
                     "leased_until",
                     "recipient_counts",
@@ -359,6 +361,12 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Change permission is what the actions need; a post itself is never edited.
         return obj is None and super().has_change_permission(request)
+
+    @admin.display(description=_("next attempt"), ordering="next_attempt_at")
+    def next_attempt(self, obj: OutgoingMessage) -> Any:
+        if obj.next_attempt_at is None and obj.status == Status.HELD:
+            return _("when an administrator retries it")
+        return obj.next_attempt_at
 
     @admin.display(description=_("recipients remaining"), ordering="remaining_count")
     def remaining(self, obj: OutgoingMessage) -> int:

@@ -374,7 +374,7 @@ def test_the_queue_shows_status_list_subject_message_id_remaining_and_errors(adm
     assert '<td class="field-remaining">2</td>' in html
     assert '<td class="field-attempts">2</td>' in html
     assert "450 4.2.0 Mailbox busy" in html
-    assert "field-next_attempt_at" in html and "field-deliver_until" in html
+    assert "field-next_attempt" in html and "field-deliver_until" in html
 
 
 def test_the_queue_can_be_filtered_by_status_and_list_and_searched(admin_client, mlist):
@@ -784,3 +784,13 @@ def test_pages_stay_fast_with_100000_members_and_10000_queued_posts(
     remaining = admin_client.get(reverse("admin:listdelivery_outgoingmessage_changelist"))
     assert '<td class="field-remaining">2</td>' in remaining.content.decode()
     assert created < 20, f"creating the rows took {created:.1f} s"
+
+
+def test_a_post_held_for_an_administrator_says_it_waits_for_one(admin_client, mlist):
+    post = make_post(mlist, Status.HELD, next_attempt_at=None, last_error="the server refused")
+    html = admin_client.get(reverse("admin:listdelivery_outgoingmessage_changelist")).content
+    assert b"when an administrator retries it" in html
+    page = admin_client.get(
+        reverse("admin:listdelivery_outgoingmessage_change", args=[post.pk])
+    ).content
+    assert b"when an administrator retries it" in page
