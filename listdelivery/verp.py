@@ -7,6 +7,10 @@ encoding (plain addresses look exactly as Mailman's) but decodes by position:
 the bounces part ends at the first separator, the domain starts after the
 last one. Domains cannot contain the separators, so every address decodes
 back to itself, whatever ``+``, ``=`` or case its local part holds.
+
+Coming back, the list is found by its bounces local part followed by the
+delimiter (:func:`bounces_candidates`), never by splitting at the first
+delimiter, which cuts ``test-bounces`` apart when the delimiter is ``-``.
 """
 
 from __future__ import annotations
@@ -45,11 +49,36 @@ def decode(address: str, verp_format: str, bounces: str | None = None) -> str | 
     return f"{match['local']}@{match['domain']}"
 
 
-def split_suffix(address: str, delimiter: str) -> tuple[str, str]:
-    """``test-bounces+x=y@example.com`` → ``("test-bounces@example.com", "x=y")``."""
-    local, _, domain = address.rpartition("@")
-    base, _, suffix = local.partition(delimiter)
-    return f"{base}@{domain}", suffix
+def bounces_candidates(address: str, separators: str) -> list[tuple[str, str]]:
+    """Every list whose bounces address ``address`` could be: ``(posting address, suffix)``.
+
+    ``my-list-bounces-anne=example.org@example.com`` with ``-`` gives
+    ``[("my-list@example.com", "anne=example.org")]``: the suffix starts at a
+    separator right after ``-bounces``, never at one inside the list's name.
+    The longest list name comes first (``a-bounces-b-bounces`` is the bounces
+    address of list ``a-bounces-b`` before it is a VERP address of list ``a``).
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return []
+    found = []
+    marker = "-bounces"
+    start = local.lower().find(marker)
+    while start > 0:
+        rest = local[start + len(marker) :]
+        if not rest or rest[0] in separators:
+            found.append((f"{local[:start]}@{domain}", rest[1:]))
+        start = local.lower().find(marker, start + 1)
+    return found[::-1]
+
+
+def separator_after_bounces(verp_format: str) -> str:
+    """The character ``verp_format`` puts right after ``${bounces}`` (``+`` in the default)."""
+    parts = re.split(r"\$\{?(bounces|local|domain)\}?", verp_format)
+    for index in range(1, len(parts) - 1, 2):
+        if parts[index] == "bounces" and parts[index + 1]:
+            return parts[index + 1][0]
+    return ""
 
 
 def format_problem(verp_format: str) -> str | None:
