@@ -9,10 +9,57 @@ suites::
         assert server.messages[0].rcpt_tos == ["anne@example.com"]
 
 Every SMTP transaction that ends in ``250 OK`` after DATA is recorded as a
-:class:`ReceivedMessage`. The fault attributes (``fail_rcpt``, ``fail_mail``,
-``fail_data``, ``drop_data``, ``delay``) can be changed at any time from the
-test thread; :meth:`SMTPTestServer.stop` makes the port refuse connections and
-:meth:`SMTPTestServer.start` brings the server back on the same port.
+:class:`ReceivedMessage`. :meth:`SMTPTestServer.stop` makes the port refuse
+connections and :meth:`SMTPTestServer.start` brings the server back on the same
+port.
+
+Faults are public attributes that can be changed at any time from the test
+thread; :meth:`SMTPTestServer.clear` switches them all off again:
+
+``fail_rcpt``
+    ``{address: reply}``: answer RCPT for these addresses (case-insensitive) with
+    ``reply``, sent verbatim, even with a code no server should send
+    (``"4x1 try later"``).
+``fail_mail`` / ``fail_data``
+    A reply (verbatim) to every MAIL FROM / to the end of every DATA.
+``fail_starttls``
+    A reply (verbatim) to STARTTLS instead of starting TLS.
+``drop_data``
+    Hang up, without a reply, at the end of DATA this many times.
+``delay`` / ``rcpt_delay``
+    Seconds to wait before the reply to DATA / before each reply to RCPT.
+``max_line_length``
+    A message with a line longer than this many octets (CRLF not counted) gets
+    ``500 5.5.2 Line too long`` at the end of DATA and is not recorded, as many
+    servers do over 998. ``None``: lines of any length are accepted, so a test
+    can see what a client sent.
+``max_local_part``
+    A MAIL FROM whose local part is longer than this many octets gets
+    ``553 5.1.7 Local part too long``.
+``max_recipients``
+    RCPTs beyond this many accepted ones in a transaction get
+    ``452 4.5.3 Too many recipients``.
+``hard_error_limit``
+    Like Postfix's ``smtpd_hard_error_limit``: once a session has had this many
+    4xx/5xx replies, the next command gets ``421 4.7.0 Error: too many errors``
+    and the server hangs up.
+``max_connections``
+    A connection beyond this many open at once gets
+    ``421 4.7.0 Too many connections`` as its greeting and is closed; it is
+    counted in ``refused_connections``, not in ``connections``.
+``size_limit``
+    For new connections: advertise ``SIZE`` with this limit instead of the
+    constructor's ``data_size_limit``, and refuse larger messages with 552.
+
+Constructor options describe the server rather than a fault and are not reset
+by ``clear()``: ``auth``, ``auth_mechanisms``, ``smtputf8``, ``pipelining``,
+``tls_context``, ``data_size_limit`` and ``eight_bit_mime`` (``False`` leaves
+8BITMIME out of the EHLO reply and refuses ``BODY=8BITMIME`` with 555).
+
+What the server saw besides messages: ``connections`` (sessions accepted),
+``refused_connections``, ``ehlo_names`` (the name of every EHLO or HELO, in
+order) and, per message, ``ReceivedMessage.eight_bit`` (whether its content had
+any byte over 127).
 """
 
 from __future__ import annotations
@@ -21,17 +68,24 @@ import asyncio
 import collections
 import email
 import email.message
+import functools
 import socket
 import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 __all__ = ["ReceivedMessage", "SMTPTestServer"]
+
+TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
+#: How long a hung-up session waits for the client to close before closing itself.
+LINGER_SECONDS = 2.0
 
 
 @dataclass
@@ -49,6 +103,15 @@ class ReceivedMessage:
         """The content parsed with the compat32 policy, line endings as a mailbox stores them."""
         return email.message_from_bytes(self.content.replace(b"\r\n", b"\n"))
 
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the content had any byte over 127."""
+        return not self.content.isascii()
+
+
+def _longest_line(content: bytes) -> int:
+    return max(len(line) for line in content.split(b"\r\n"))
+
 
 class _Handler:
     """aiosmtpd hooks that apply the server's faults and record messages."""
@@ -65,9 +128,19 @@ class _Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        self._owner._record_ehlo(hostname)
+        if not self._owner.eight_bit_mime:
+            responses.remove("250-8BITMIME")
         if self._owner.pipelining:
             responses.insert(-1, "250-PIPELINING")  # before aiosmtpd's closing "250 HELP"
         return responses
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        session.host_name = hostname
+        self._owner._record_ehlo(hostname)
+        return f"250 {server.hostname}"
 
     async def handle_MAIL(
         self,
@@ -77,9 +150,16 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        reply = self._owner.fail_mail
+        owner = self._owner
+        reply = owner.fail_mail
         if reply is not None:
             return reply
+        if not owner.eight_bit_mime and "BODY=8BITMIME" in mail_options:
+            return "555 5.5.4 BODY=8BITMIME is not supported"
+        local_part = address.rpartition("@")[0] if "@" in address else address
+        limit = owner.max_local_part
+        if limit is not None and len(local_part.encode("utf-8", "surrogateescape")) > limit:
+            return "553 5.1.7 Local part too long"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -92,7 +172,13 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        failures = {key.lower(): reply for key, reply in list(self._owner.fail_rcpt.items())}
+        owner = self._owner
+        if owner.rcpt_delay > 0:
+            await asyncio.sleep(owner.rcpt_delay)
+        limit = owner.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
+        failures = {key.lower(): reply for key, reply in list(owner.fail_rcpt.items())}
         reply = failures.get(address.lower())
         if reply is not None:
             return reply
@@ -110,12 +196,15 @@ class _Handler:
             # connection_lost() cancels the session task while we wait here, so
             # aiosmtpd never tries to write a reply to the dead connection.
             await asyncio.get_running_loop().create_future()
-        reply = owner.fail_data
-        if reply is not None:
-            return reply
         assert isinstance(smtp, _SMTP)
         assert envelope.mail_from is not None
         assert envelope.original_content is not None
+        limit = owner.max_line_length
+        if limit is not None and _longest_line(envelope.original_content) > limit:
+            return "500 5.5.2 Line too long"
+        reply = owner.fail_data
+        if reply is not None:
+            return reply
         owner._record(
             ReceivedMessage(
                 mail_from=envelope.mail_from,
@@ -129,7 +218,11 @@ class _Handler:
 
 
 class _SMTP(SMTP):
-    """An SMTP session that knows which numbered connection it serves."""
+    """An SMTP session that knows which numbered connection it serves, and can refuse it."""
+
+    # aiosmtpd refuses DATA lines over 1001 octets by itself; the test server leaves
+    # that to max_line_length, so that a test sees the long line a client sent.
+    line_length_limit = 1024 * 1024
 
     def __init__(
         self,
@@ -142,6 +235,14 @@ class _SMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._owner = owner
         self.connection_number = 0
+        self._refused = False
+        self._open = False
+        self._error_replies = 0
+        self._hung_up = False
+        self._smtp_methods = {
+            name: self._unless_too_many_errors(method)
+            for name, method in self._smtp_methods.items()
+        }
         if plaintext_auth:
             # Passing auth_require_tls=False to SMTP() emits a UserWarning for
             # every connection; the test server offers AUTH in clear on purpose.
@@ -149,10 +250,70 @@ class _SMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the re-entry after STARTTLS
-            self.connection_number = self._owner._register_connection(
+            self.connection_number, self._refused = self._owner._register_connection(
                 transport.get_extra_info("peername")
             )
+            self._open = self.connection_number > 0 and not self._refused
         super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._open:
+            self._open = False
+            self._owner._unregister_connection()
+        super().connection_lost(error)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        reply = self._owner.fail_starttls
+        if reply is not None:
+            await self.push(reply)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def _handle_client(self) -> None:
+        if self._refused:
+            await self.push(TOO_MANY_CONNECTIONS)
+            self._hang_up()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: AnyStr) -> None:
+        if self._hung_up:
+            return  # what the client sent after the hang-up gets no reply
+        first = status[:1]
+        if first in ("4", "5", b"4", b"5"):
+            self._error_replies += 1
+        await super().push(status)
+
+    def _unless_too_many_errors(
+        self, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # keeps the syntax aiosmtpd's HELP reads
+        async def command(arg: str | None) -> None:
+            limit = self._owner.hard_error_limit
+            if limit is not None and self._error_replies >= limit:
+                await self.push(TOO_MANY_ERRORS)
+                self._hang_up()
+            elif not self._hung_up:
+                await method(arg)
+
+        return command
+
+    def _hang_up(self) -> None:
+        """Close the session after the last reply, reading and ignoring what the client still sends.
+
+        Closing a socket with unread input sends a TCP reset, which can destroy the
+        last reply before the client reads it; real servers linger for this reason.
+        """
+        self._hung_up = True
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
 
 class _Controller(Controller):
@@ -163,7 +324,10 @@ class _Controller(Controller):
         self._owner = owner
 
     def factory(self) -> _SMTP:
-        return _SMTP(self._owner, self.handler, **self.SMTP_kwargs)
+        kwargs = dict(self.SMTP_kwargs)
+        if self._owner.size_limit is not None:
+            kwargs["data_size_limit"] = self._owner.size_limit
+        return _SMTP(self._owner, self.handler, **kwargs)
 
     def _trigger_server(self) -> None:
         """Make the start-up probe connection, telling the owner not to count it."""
@@ -188,10 +352,12 @@ def _free_port(host: str) -> int:
 class SMTPTestServer:
     """An aiosmtpd server in a background thread that records what it receives.
 
-    ``auth=(username, password)`` offers AUTH PLAIN and LOGIN without TLS and
-    requires it before MAIL FROM. ``tls_context`` offers (but does not require)
-    STARTTLS. The port is picked at construction time when not given and is
-    kept across :meth:`stop` / :meth:`start`.
+    ``auth=(username, password)`` offers AUTH (``auth_mechanisms``, PLAIN and
+    LOGIN by default) without TLS and requires it before MAIL FROM; credentials
+    are compared as UTF-8.
+    ``tls_context`` offers (but does not require) STARTTLS. The port is picked
+    at construction time when not given and is kept across :meth:`stop` /
+    :meth:`start`. The faults are described in the module's docstring.
     """
 
     def __init__(
@@ -200,16 +366,20 @@ class SMTPTestServer:
         port: int | None = None,
         *,
         auth: tuple[str, str] | None = None,
+        auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN"),
         smtputf8: bool = True,
         pipelining: bool = True,
+        eight_bit_mime: bool = True,
         tls_context: ssl.SSLContext | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
     ) -> None:
         self.host = host
         self.port = _free_port(host) if port is None else port
         self.auth = auth
+        self.auth_mechanisms = auth_mechanisms
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.eight_bit_mime = eight_bit_mime
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
 
@@ -217,14 +387,27 @@ class SMTPTestServer:
         self._received = threading.Condition(self._lock)
         self._messages: list[ReceivedMessage] = []
         self._connections = 0
+        self._refused_connections = 0
+        self._open_connections = 0
+        self._ehlo_names: list[str] = []
         self._trigger_port: int | None = None
         self._controller: _Controller | None = None
+        self._switch_faults_off()
 
+    def _switch_faults_off(self) -> None:
         self.fail_rcpt: dict[str, str] = {}
         self.fail_mail: str | None = None
         self.fail_data: str | None = None
+        self.fail_starttls: str | None = None
         self.drop_data = 0
         self.delay = 0.0
+        self.rcpt_delay = 0.0
+        self.max_line_length: int | None = None
+        self.max_local_part: int | None = None
+        self.max_recipients: int | None = None
+        self.hard_error_limit: int | None = None
+        self.max_connections: int | None = None
+        self.size_limit: int | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -239,6 +422,8 @@ class SMTPTestServer:
         """Start listening on ``host:port``; does nothing if already running."""
         if self._controller is not None:
             return self
+        with self._lock:
+            self._open_connections = 0  # stop() dropped them all
         smtp_kwargs: dict[str, Any] = {
             "data_size_limit": self.data_size_limit,
             "enable_SMTPUTF8": self.smtputf8,
@@ -248,6 +433,9 @@ class SMTPTestServer:
         if self.auth is not None:
             smtp_kwargs.update(
                 auth_required=True,
+                auth_exclude_mechanism=[
+                    m for m in ("PLAIN", "LOGIN") if m not in self.auth_mechanisms
+                ],
                 authenticator=self._authenticate,
                 plaintext_auth=True,
             )
@@ -291,16 +479,26 @@ class SMTPTestServer:
         with self._lock:
             return self._connections
 
+    @property
+    def refused_connections(self) -> int:
+        """How many connections got ``421 Too many connections`` as their greeting."""
+        with self._lock:
+            return self._refused_connections
+
+    @property
+    def ehlo_names(self) -> list[str]:
+        """The name sent with every EHLO or HELO so far, oldest first."""
+        with self._lock:
+            return list(self._ehlo_names)
+
     def clear(self) -> None:
-        """Forget messages and connections, and switch off every fault."""
+        """Forget messages, connections and EHLO names, and switch off every fault."""
         with self._lock:
             self._messages.clear()
             self._connections = 0
-            self.fail_rcpt = {}
-            self.fail_mail = None
-            self.fail_data = None
-            self.drop_data = 0
-            self.delay = 0.0
+            self._refused_connections = 0
+            self._ehlo_names.clear()
+            self._switch_faults_off()
 
     def recipients_count(self) -> collections.Counter[str]:
         """How many messages each (lowercased) envelope recipient received."""
@@ -331,13 +529,27 @@ class SMTPTestServer:
         # handled=False lets aiosmtpd answer 535 itself on failure.
         return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
-    def _register_connection(self, peer: Any) -> int:
+    def _register_connection(self, peer: Any) -> tuple[int, bool]:
+        """The new connection's number (0 for the start-up probe), and whether to refuse it."""
         with self._lock:
             if self._trigger_port is not None and peer and peer[1] == self._trigger_port:
                 self._trigger_port = None
-                return 0
+                return 0, False
+            limit = self.max_connections
+            if limit is not None and self._open_connections >= limit:
+                self._refused_connections += 1
+                return 0, True
+            self._open_connections += 1
             self._connections += 1
-            return self._connections
+            return self._connections, False
+
+    def _unregister_connection(self) -> None:
+        with self._lock:
+            self._open_connections -= 1
+
+    def _record_ehlo(self, name: str) -> None:
+        with self._lock:
+            self._ehlo_names.append(name)
 
     def _take_drop(self) -> bool:
         with self._lock:

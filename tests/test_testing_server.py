@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import threading
@@ -318,3 +319,223 @@ def test_starttls_is_offered_not_required(tls_context: ssl.SSLContext) -> None:
 
         assert smtp_server.connections == 2
         assert [m.connection for m in smtp_server.messages] == [1, 2]
+
+
+# -- faults for the hostile world (issue 10) -----------------------------------
+
+
+def talk(server: SMTPTestServer, *commands: str, pipelined: bool = False) -> list[str]:
+    """Raw SMTP: the greeting and each reply's last line, verbatim, until the server hangs up."""
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        replies = sock.makefile("rb")
+
+        def reply() -> str | None:
+            try:
+                while (line := replies.readline()) and line[3:4] == b"-":
+                    pass
+            except OSError:
+                return None
+            return line.decode().rstrip("\r\n") or None
+
+        answers = [reply()]
+        if pipelined:
+            sock.sendall("".join(f"{c}\r\n" for c in commands).encode())
+        for command in commands:
+            if not pipelined:
+                try:
+                    sock.sendall(f"{command}\r\n".encode())
+                except OSError:
+                    break
+            answers.append(reply())
+            if answers[-1] is None:
+                break
+    return [a for a in answers if a is not None]
+
+
+def test_rcpt_delay_slows_down_every_rcpt(server: SMTPTestServer) -> None:
+    server.rcpt_delay = 0.15
+    with connect(server) as client:
+        client.ehlo()
+        started = time.monotonic()
+        client.sendmail("s@example.com", ["bart@example.com", "cris@example.com"], MESSAGE)
+        elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.3
+    assert server.messages[0].rcpt_tos == ["bart@example.com", "cris@example.com"]
+
+
+def test_a_reply_with_a_code_no_server_should_send_reaches_the_client_verbatim(
+    server: SMTPTestServer,
+) -> None:
+    server.fail_rcpt = {"bart@example.com": "4x1 try later"}
+    replies = talk(server, "EHLO me", "MAIL FROM:<s@example.com>", "RCPT TO:<bart@example.com>")
+    assert replies[-1] == "4x1 try later"
+
+
+@pytest.mark.parametrize("length, accepted", [(998, True), (999, False)])
+def test_max_line_length_refuses_a_longer_line_at_data(
+    server: SMTPTestServer, length: int, accepted: bool
+) -> None:
+    server.max_line_length = 998
+    body = "Subject: long\r\n\r\n" + "x" * length + "\r\n"
+    with connect(server) as client:
+        if accepted:
+            client.sendmail("s@example.com", ["bart@example.com"], body)
+        else:
+            with pytest.raises(smtplib.SMTPDataError) as excinfo:
+                client.sendmail("s@example.com", ["bart@example.com"], body)
+            assert (excinfo.value.smtp_code, excinfo.value.smtp_error) == (
+                500,
+                b"5.5.2 Line too long",
+            )
+        client.sendmail("s@example.com", ["cris@example.com"], MESSAGE)  # the session goes on
+
+    assert [m.rcpt_tos for m in server.messages] == (
+        [["bart@example.com"], ["cris@example.com"]] if accepted else [["cris@example.com"]]
+    )
+
+
+def test_without_max_line_length_a_long_line_arrives_as_sent(server: SMTPTestServer) -> None:
+    body = b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\n"
+    with connect(server) as client:
+        client.sendmail("s@example.com", ["bart@example.com"], body)
+    assert server.messages[0].content == body
+
+
+def test_a_server_without_8bitmime_does_not_offer_it_and_refuses_body_8bitmime() -> None:
+    with SMTPTestServer(eight_bit_mime=False) as smtp_server, connect(smtp_server) as client:
+        client.ehlo()
+        assert not client.has_extn("8bitmime")
+        with pytest.raises(smtplib.SMTPSenderRefused) as excinfo:
+            client.sendmail(
+                "s@example.com", ["bart@example.com"], MESSAGE, mail_options=["BODY=8BITMIME"]
+            )
+        assert excinfo.value.smtp_code == 555
+        client.sendmail(
+            "s@example.com", ["bart@example.com"], "Subject: Grüße\r\n\r\nÜber\r\n".encode()
+        )
+        client.sendmail("s@example.com", ["cris@example.com"], MESSAGE)
+
+        first, second = smtp_server.messages
+    assert (first.eight_bit, second.eight_bit) == (True, False)
+
+
+def test_max_local_part_refuses_a_longer_sender(server: SMTPTestServer) -> None:
+    server.max_local_part = 64
+    with connect(server) as client:
+        with pytest.raises(smtplib.SMTPSenderRefused) as excinfo:
+            client.sendmail("l" * 65 + "@example.com", ["bart@example.com"], MESSAGE)
+        assert (excinfo.value.smtp_code, excinfo.value.smtp_error) == (
+            553,
+            b"5.1.7 Local part too long",
+        )
+        client.sendmail("l" * 64 + "@example.com", ["bart@example.com"], MESSAGE)
+
+    assert [m.mail_from for m in server.messages] == ["l" * 64 + "@example.com"]
+
+
+def test_max_recipients_answers_452_beyond_the_limit(server: SMTPTestServer) -> None:
+    server.max_recipients = 2
+    recipients = ["anne@example.com", "bart@example.com", "cris@example.com"]
+    with connect(server) as client:
+        refused = client.sendmail("s@example.com", recipients, MESSAGE)
+        client.sendmail("s@example.com", ["cris@example.com"], MESSAGE)  # a new transaction
+
+    assert refused == {"cris@example.com": (452, b"4.5.3 Too many recipients")}
+    assert [m.rcpt_tos for m in server.messages] == [recipients[:2], ["cris@example.com"]]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_hard_error_limit_hangs_up_like_postfix(server: SMTPTestServer, pipelined: bool) -> None:
+    server.hard_error_limit = 3
+    server.fail_rcpt = {f"gone{i}@example.com": "550 5.1.1 No such user" for i in range(5)}
+    commands = [
+        "EHLO me",
+        "MAIL FROM:<s@example.com>",
+        *(f"RCPT TO:<gone{i}@example.com>" for i in range(5)),
+        "RCPT TO:<bart@example.com>",
+    ]
+
+    replies = talk(server, *commands, pipelined=pipelined)
+
+    assert replies[3:] == ["550 5.1.1 No such user"] * 3 + ["421 4.7.0 Error: too many errors"]
+
+
+def test_max_connections_refuses_one_more_with_421(server: SMTPTestServer) -> None:
+    server.max_connections = 1
+    with connect(server) as first:
+        with pytest.raises(smtplib.SMTPConnectError) as excinfo:
+            connect(server)
+        assert (excinfo.value.smtp_code, excinfo.value.smtp_error) == (
+            421,
+            b"4.7.0 Too many connections",
+        )
+        first.sendmail("s@example.com", ["bart@example.com"], MESSAGE)
+
+    deadline = time.monotonic() + 5
+    while True:  # the server notices the first connection's end a moment later
+        try:
+            with connect(server) as again:
+                again.sendmail("s@example.com", ["cris@example.com"], MESSAGE)
+            break
+        except smtplib.SMTPConnectError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    assert server.connections == 2
+    assert server.refused_connections >= 1
+    assert [m.connection for m in server.messages] == [1, 2]
+
+
+def test_size_limit_is_advertised_and_enforced(server: SMTPTestServer) -> None:
+    server.size_limit = 100
+    with connect(server) as client:
+        client.ehlo()
+        assert client.esmtp_features["size"] == "100"
+        with pytest.raises(smtplib.SMTPSenderRefused) as declared:
+            client.sendmail("s@example.com", ["bart@example.com"], "x" * 200)
+        client.ehlo()
+        client.does_esmtp = False  # no SIZE= in MAIL FROM: the limit is enforced at DATA
+        with pytest.raises(smtplib.SMTPDataError) as undeclared:
+            client.sendmail("s@example.com", ["bart@example.com"], "x" * 200)
+
+    assert (declared.value.smtp_code, undeclared.value.smtp_code) == (552, 552)
+    assert server.messages == []
+
+
+def test_ehlo_and_helo_names_are_recorded(server: SMTPTestServer) -> None:
+    with smtplib.SMTP(server.host, server.port, local_hostname="lists.example.org") as client:
+        client.ehlo()
+        client.helo("old.example.org")
+    assert server.ehlo_names == ["lists.example.org", "old.example.org"]
+
+
+def test_fail_starttls(tls_context: ssl.SSLContext) -> None:
+    with SMTPTestServer(tls_context=tls_context) as smtp_server:
+        smtp_server.fail_starttls = "454 4.7.0 TLS not available due to local problem"
+        with connect(smtp_server) as client:
+            client.ehlo()
+            with pytest.raises(smtplib.SMTPResponseException) as excinfo:
+                client.starttls()
+    assert excinfo.value.smtp_code == 454
+
+
+def test_clear_switches_off_the_hostile_faults_too(server: SMTPTestServer) -> None:
+    with smtplib.SMTP(server.host, server.port, local_hostname="a.example") as client:
+        client.ehlo()
+    server.rcpt_delay = 1.0
+    server.max_line_length = 10
+    server.max_local_part = 1
+    server.max_recipients = 0
+    server.hard_error_limit = 0
+    server.max_connections = 0
+    server.size_limit = 10
+    server.fail_starttls = "454 No"
+
+    server.clear()
+
+    assert server.ehlo_names == []
+    assert server.refused_connections == 0
+    with connect(server) as client:
+        client.sendmail("long-sender@example.com", ["bart@example.com"], MESSAGE)
+    assert len(server.messages) == 1
