@@ -4,10 +4,16 @@ It talks and reports; it does not decide. Every transaction comes back as an
 :class:`Outcome` saying which recipients the server refused at RCPT and, if
 the transaction as a whole failed, at which stage and with which reply. The
 runner decides what that means for the post.
+
+A failure with no SMTP reply (a refused, dropped or silent connection) or
+with a reply whose code cannot be read has the code ``None`` and a text that
+says so ("no reply: …", "unreadable reply: …"): no code is made up.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import itertools
 import logging
 import re
@@ -20,15 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .wire import wire_safe
+
 logger = logging.getLogger(__name__)
 
-#: Mailman's synthetic code for a failure with no SMTP reply (refused or dropped connection).
-NO_REPLY = 444
 #: Stages at which a failure concerns the session, not the transaction: stop sending.
 SESSION_STAGES = frozenset({"connect", "tls", "auth"})
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 #: Reuse an idle session only after a NOOP says it is still alive.
 IDLE_CHECK_SECONDS = 10.0
+#: What smtplib reports for a reply whose code it could not read.
+UNREADABLE = -1
+#: A reply code as RFC 5321 §4.2 allows it.
+_REPLY_CODE = re.compile(rb"[2-5][0-5][0-9]")
+#: Longer reply lines are not read (smtplib's limit).
+_MAX_REPLY_LINE = 8192
+#: The server ends the session after this reply (RFC 5321 §3.8): send nothing more.
+CLOSING = 421
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,14 @@ class Transaction:
 
 @dataclass(frozen=True)
 class Failure:
-    """Why a whole transaction failed: the stage, and the server's reply (or ``NO_REPLY``)."""
+    """Why a whole transaction failed: the stage, and the server's reply.
+
+    ``code`` is ``None`` when there was no reply or its code could not be read;
+    ``text`` then starts with "no reply: " or "unreadable reply: ".
+    """
 
     stage: str
-    code: int
+    code: int | None
     text: str
 
     @property
@@ -55,8 +72,14 @@ class Failure:
 
 @dataclass
 class Outcome:
+    """What became of a transaction.
+
+    ``refused`` holds every RCPT reply other than 250/251 that was read, also
+    when the transaction failed afterwards.
+    """
+
     transaction: Transaction
-    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    refused: dict[str, tuple[int | None, str]] = field(default_factory=dict)
     failure: Failure | None = None
 
     @property
@@ -65,6 +88,55 @@ class Outcome:
             return []
         return [r for r in self.transaction.recipients if r not in self.refused]
 
+    @property
+    def undelivered(self) -> list[str]:
+        """After a failure, the recipients neither accepted nor refused: to be sent again."""
+        if not self.failure:
+            return []
+        return [r for r in self.transaction.recipients if r not in self.refused]
+
+
+class _SafeReplies:
+    """smtplib's ``getreply`` that keeps an unreadable reply whole and lets socket errors through.
+
+    smtplib turns ``4x1 try later`` into ``(-1, b"try later")`` and any socket
+    error into "Connection unexpectedly closed"; a person reading the failure
+    needs the reply as sent and the real cause.
+    """
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None:
+            self.file = self.sock.makefile("rb")
+        lines = []
+        while True:
+            try:
+                line = self.file.readline(_MAX_REPLY_LINE + 1)
+            except OSError:
+                self.close()
+                raise
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("the server closed the connection")
+            if len(line) > _MAX_REPLY_LINE:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(
+                    "the server sent a reply line too long to read"
+                )
+            code = line[:3]
+            if not _REPLY_CODE.fullmatch(code) or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                return UNREADABLE, line.strip(b" \t\r\n")
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                return int(code), b"\n".join(lines)
+
+
+class _PlainSMTP(_SafeReplies, smtplib.SMTP):
+    pass
+
+
+class _SecureSMTP(_SafeReplies, smtplib.SMTP_SSL):
+    pass
+
 
 def _text(reply: Any) -> str:
     if isinstance(reply, bytes):
@@ -72,20 +144,71 @@ def _text(reply: Any) -> str:
     return str(reply)
 
 
+def _code(code: int) -> int | None:
+    return None if code == UNREADABLE else code
+
+
+def _reply_text(code: int, reply: Any) -> str:
+    text = _text(reply)
+    return f"unreadable reply: {text}" if code == UNREADABLE else text
+
+
 def _dot_stuffed(message: bytes) -> bytes:
-    """The DATA payload: CRLF line ends, leading dots doubled, ended by ``CRLF.CRLF``."""
-    if message.count(b"\n") != message.count(b"\r\n"):
-        message = _BARE_LF.sub(b"\r\n", message)
+    """The DATA payload of a message with CRLF line ends: leading dots doubled, ``CRLF.CRLF``."""
     if message.startswith(b"."):
         message = b"." + message
-    message = message.replace(b"\r\n.", b"\r\n..")
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return message + b".\r\n"
+    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 def _needs_smtputf8(transaction: Transaction) -> bool:
     return not (transaction.sender.isascii() and all(r.isascii() for r in transaction.recipients))
+
+
+def _b64(text: str) -> str:
+    # surrogatepass: a password read with surrogateescape still encodes, and no
+    # UnicodeEncodeError (whose text quotes the password) can be raised.
+    return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def _log_in(smtp: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH PLAIN or LOGIN with UTF-8 credentials (RFC 4616); smtplib's login sends ASCII only."""
+    mechanisms = smtp.esmtp_features.get("auth", "").upper().split()
+    if "PLAIN" in mechanisms:
+        code, reply = smtp.docmd("AUTH", "PLAIN " + _b64(f"\0{user}\0{password}"))
+    elif "LOGIN" in mechanisms:
+        code, reply = smtp.docmd("AUTH", "LOGIN " + _b64(user))
+        if code == 334:
+            code, reply = smtp.docmd(_b64(password))
+    else:
+        raise smtplib.SMTPNotSupportedError("the server offers neither AUTH PLAIN nor AUTH LOGIN")
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+@dataclass(frozen=True)
+class _Features:
+    """What the server's EHLO reply offers, read once per session."""
+
+    pipelining: bool
+    eight_bit_mime: bool
+    smtputf8: bool
+    size: bool
+    size_limit: int  # 0: SIZE offered without a limit, or not offered
+
+    @classmethod
+    def of(cls, smtp: smtplib.SMTP) -> _Features:
+        size = smtp.has_extn("size")
+        try:
+            size_limit = int(smtp.esmtp_features.get("size", "") or 0)
+        except ValueError:
+            size_limit = 0
+        return cls(
+            pipelining=smtp.has_extn("pipelining"),
+            eight_bit_mime=smtp.has_extn("8bitmime"),
+            smtputf8=smtp.has_extn("smtputf8"),
+            size=size,
+            size_limit=size_limit,
+        )
 
 
 class Connection:
@@ -94,6 +217,7 @@ class Connection:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.smtp: smtplib.SMTP | None = None
+        self.features: _Features | None = None
         self.transactions_in_session = 0
         self.last_used = 0.0
         self.opened = 0
@@ -113,6 +237,7 @@ class Connection:
 
     def close(self) -> None:
         smtp, self.smtp = self.smtp, None
+        self.features = None
         self.transactions_in_session = 0
         if smtp is None:
             return
@@ -129,37 +254,66 @@ class Connection:
         except (smtplib.SMTPException, OSError):
             return False
 
+    def _no_reply(self, error: Exception) -> str:
+        """Why no reply came, in words, with the exception's type for whoever debugs it."""
+        if isinstance(error, smtplib.SMTPServerDisconnected) and isinstance(
+            error.__context__, OSError
+        ):
+            error = error.__context__  # smtplib's "Server not connected" hides the cause
+        if isinstance(error, TimeoutError):
+            seconds = self.config["SMTP_TIMEOUT"].total_seconds()
+            what = f"nothing within {seconds:g} seconds"
+        elif isinstance(error, ConnectionRefusedError):
+            what = "connection refused"
+        elif isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            what = "connection dropped"
+        else:
+            what = str(error) or "connection failed"
+        return f"no reply: {what} ({type(error).__name__})"
+
     def _open(self) -> Failure | None:
         config = self.config
         host, port = config["SMTP_HOST"], config["SMTP_PORT"]
         timeout = config["SMTP_TIMEOUT"].total_seconds()
         mode = config["SMTP_SECURE_MODE"].lower()
+        user, password = config["SMTP_USER"], config["SMTP_PASSWORD"]
+        name = config["SMTP_EHLO_NAME"] or None
         stage = "connect"
         try:
             if mode == "smtps":
-                smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=self._tls_context())
+                smtp = _SecureSMTP(
+                    host, port, local_hostname=name, timeout=timeout, context=self._tls_context()
+                )
             else:
-                smtp = smtplib.SMTP(host, port, timeout=timeout)
+                smtp = _PlainSMTP(host, port, local_hostname=name, timeout=timeout)
             self.smtp = smtp
             smtp.ehlo_or_helo_if_needed()
             if mode == "starttls":
                 stage = "tls"
                 smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
-            if config["SMTP_USER"] and config["SMTP_PASSWORD"]:
+            if user and password:
                 stage = "auth"
-                smtp.login(config["SMTP_USER"], config["SMTP_PASSWORD"])
+                _log_in(smtp, user, password)
         except smtplib.SMTPNotSupportedError as error:
             self.close()
-            return Failure(stage, 530, f"the server does not support it: {error}")
+            return Failure(stage, None, f"no reply: {error} ({type(error).__name__})")
         except smtplib.SMTPResponseException as error:
             self.close()
-            return Failure(stage, error.smtp_code, _text(error.smtp_error))
+            text = _reply_text(error.smtp_code, error.smtp_error)
+            return Failure(stage, _code(error.smtp_code), text)
         except (smtplib.SMTPException, OSError) as error:
             self.close()
-            if isinstance(error, ssl.SSLError) or stage == "tls":
+            if isinstance(error, ssl.SSLError):
                 stage = "tls"
-            return Failure(stage, NO_REPLY, str(error) or type(error).__name__)
+            return Failure(stage, None, self._no_reply(error))
+        except UnicodeError as error:
+            # Its text would quote the offending value, which may be a credential.
+            self.close()
+            return Failure(
+                stage, None, f"no reply: could not encode a command ({type(error).__name__})"
+            )
+        self.features = _Features.of(smtp)
         self.opened += 1
         logger.debug("Connected to %s:%s", host, port)
         return None
@@ -178,10 +332,10 @@ class Connection:
             failure = self._open()
             if failure:
                 return Outcome(transaction, failure=failure)
-        smtp = self.smtp
+        features = self.features
         options = []
         if _needs_smtputf8(transaction):
-            if not smtp.has_extn("smtputf8"):
+            if not features.smtputf8:
                 return Outcome(
                     transaction,
                     failure=Failure(
@@ -192,82 +346,195 @@ class Connection:
                     ),
                 )
             options.append("SMTPUTF8")
-        if smtp.has_extn("8bitmime") and not transaction.message.isascii():
-            options.append("BODY=8BITMIME")
-        envelope = [
-            f"MAIL FROM:<{transaction.sender}>" + "".join(f" {o}" for o in options),
-            *(f"RCPT TO:<{recipient}>" for recipient in transaction.recipients),
-            "DATA",
-        ]
-        stage = "mail"
-        try:
-            replies = self._exchange(envelope, pipelining=smtp.has_extn("pipelining"))
-            code, reply = replies[0]
-            if code != 250:
-                self._abandon(replies, len(envelope))
-                return Outcome(transaction, failure=Failure("mail", code, _text(reply)))
-            stage = "rcpt"
-            refused = {
-                recipient: (code, _text(reply))
-                for recipient, (code, reply) in zip(
-                    transaction.recipients, replies[1:], strict=False
+        message = wire_safe(transaction.message, eight_bit_ok=features.eight_bit_mime)
+        if not message.endswith(b"\r\n"):
+            message += b"\r\n"
+        if features.size:
+            if features.size_limit and len(message) > features.size_limit:
+                return Outcome(
+                    transaction,
+                    failure=Failure(
+                        "size",
+                        552,
+                        f"5.3.4 message of {len(message)} octets exceeds "
+                        f"the server's limit of {features.size_limit}",
+                    ),
                 )
-                if code not in (250, 251)
-            }
-            if len(refused) == len(transaction.recipients):
-                self._abandon(replies, len(envelope))
-                return Outcome(transaction, refused=refused)
-            stage = "data"
-            code, reply = replies[-1]
-            if code == 354:
-                smtp.sock.sendall(_dot_stuffed(transaction.message))
-                code, reply = smtp.getreply()
-            if code != 250:
-                self._reset()
-                return Outcome(transaction, failure=Failure("data", code, _text(reply)))
+            options.append(f"SIZE={len(message)}")
+        if features.eight_bit_mime and not message.isascii():
+            options.append("BODY=8BITMIME")
+        mail = f"MAIL FROM:<{transaction.sender}>" + "".join(f" {o}" for o in options)
+        self.transactions_in_session += 1
+        replies: list[tuple[int, bytes]] = []
+        try:
+            return self._transact(transaction, mail, message, replies)
         except (smtplib.SMTPException, OSError) as error:
             self.close()
+            if replies and replies[0][0] != 250:
+                code, reply = replies[0]
+                failure = Failure("mail", _code(code), _reply_text(code, reply))
+                return Outcome(transaction, failure=failure)
             return Outcome(
                 transaction,
-                failure=Failure(stage, NO_REPLY, str(error) or type(error).__name__),
+                refused=_refusals(transaction, replies),
+                failure=Failure(_stage(len(replies), transaction), None, self._no_reply(error)),
             )
-        self.transactions_in_session += 1
+
+    def _transact(
+        self,
+        transaction: Transaction,
+        mail: str,
+        message: bytes,
+        replies: list[tuple[int, bytes]],
+    ) -> Outcome:
+        """MAIL, RCPTs and DATA; ``replies`` holds what was read, should the connection fail."""
+        recipients = transaction.recipients
+        pipelining = self.features.pipelining
+        # One recipient (the personalized hot path): DATA goes in the same write.
+        # More: wait for the RCPT replies first, so that refused recipients do not
+        # cost the server a DATA error each, nor us its tarpit (RFC 2920 §3.1).
+        data_pipelined = pipelining and len(recipients) == 1
+        commands = [mail, *(f"RCPT TO:<{r}>" for r in recipients)]
+        if data_pipelined:
+            commands.append("DATA")
+        self._exchange(commands, pipelining, replies)
+        refused = _refusals(transaction, replies)
+        code, reply = replies[-1]
+        if code == CLOSING:
+            self.close()
+            stage = _stage(len(replies) - 1, transaction)
+            return Outcome(transaction, refused=refused, failure=Failure(stage, code, _text(reply)))
+        code, reply = replies[0]
+        if code != 250:
+            self._abandon(replies, len(commands))
+            return Outcome(
+                transaction, failure=Failure("mail", _code(code), _reply_text(code, reply))
+            )
+        if len(refused) == len(recipients):
+            self._abandon(replies, len(commands))
+            return Outcome(transaction, refused=refused)
+        if not data_pipelined:
+            self._exchange(["DATA"], pipelining, replies)
+        code, reply = replies[-1]
+        if code == 354:
+            self.smtp.sock.sendall(_dot_stuffed(message))
+            code, reply = self.smtp.getreply()
+        if code != 250:
+            self._end_failed(code)
+            return Outcome(
+                transaction,
+                refused=refused,
+                failure=Failure("data", _code(code), _reply_text(code, reply)),
+            )
         self.last_used = time.monotonic()
         return Outcome(transaction, refused=refused)
 
-    def _exchange(self, commands: list[str], *, pipelining: bool) -> list[tuple[int, bytes]]:
-        """MAIL, RCPTs and DATA: in one write where the server offers PIPELINING (RFC 2920).
+    def _exchange(
+        self, commands: list[str], pipelining: bool, replies: list[tuple[int, bytes]]
+    ) -> None:
+        """Send ``commands`` and add their replies to ``replies``.
 
-        Without it, one command at a time, stopping where the next makes no sense.
+        In one write where the server offers PIPELINING (RFC 2920); without it,
+        one at a time, stopping after a refused MAIL FROM. Reading stops at a
+        421: the server is closing the session.
         """
         smtp = self.smtp
         if pipelining:
             smtp.sock.sendall(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
-            return [smtp.getreply() for _ in commands]
-        replies = []
-        for index, command in enumerate(commands):
-            if index == len(commands) - 1 and not any(c in (250, 251) for c, _ in replies[1:]):
-                break  # DATA without an accepted recipient
-            smtp.sock.sendall(command.encode("utf-8") + b"\r\n")
+        for command in commands:
+            if not pipelining:
+                smtp.sock.sendall(command.encode("utf-8") + b"\r\n")
             replies.append(smtp.getreply())
-            if index == 0 and replies[0][0] != 250:
-                break
-        return replies
+            code = replies[-1][0]
+            if code == CLOSING or (not pipelining and len(replies) == 1 and code != 250):
+                return
 
     def _abandon(self, replies: list[tuple[int, bytes]], sent: int) -> None:
         """End a transaction that will not carry the message, then RSET."""
         if len(replies) == sent and replies[-1][0] == 354:
             self.smtp.sock.sendall(b".\r\n")  # DATA was accepted anyway: send an empty message end
             self.smtp.getreply()
-        self._reset()
+        self._end_failed(replies[0][0])
 
-    def _reset(self) -> None:
-        """RSET after a failed transaction, so the next one starts clean; reopen if that fails."""
+    def _end_failed(self, code: int) -> None:
+        """After a failed transaction: RSET so the next one starts clean, or close the session
+        where its state is unknown (an unreadable reply) or the server is leaving (421)."""
+        if code in (UNREADABLE, CLOSING):
+            self.close()
+            return
         try:
             self.smtp.rset()
         except (smtplib.SMTPException, OSError, AttributeError):
             self.close()
         self.last_used = time.monotonic()
+
+
+def _refusals(
+    transaction: Transaction, replies: list[tuple[int, bytes]]
+) -> dict[str, tuple[int | None, str]]:
+    """The RCPT replies read that were not 250/251, by recipient.
+
+    None after a refused MAIL FROM: the server then refuses every RCPT for that reason alone.
+    """
+    if not replies or replies[0][0] != 250:
+        return {}
+    rcpt_replies = replies[1 : 1 + len(transaction.recipients)]
+    return {
+        recipient: (_code(code), _reply_text(code, reply))
+        for recipient, (code, reply) in zip(transaction.recipients, rcpt_replies, strict=False)
+        if code not in (250, 251)
+    }
+
+
+def _stage(reply_index: int, transaction: Transaction) -> str:
+    """The stage whose reply is the ``reply_index``-th of a transaction."""
+    if reply_index == 0:
+        return "mail"
+    return "rcpt" if reply_index <= len(transaction.recipients) else "data"
+
+
+class _Work:
+    """The transactions of one ``send_all``, shared by the pool's connections.
+
+    A connection that cannot open a session hands its transaction back and
+    leaves, as long as another connection is still at work to send it.
+    """
+
+    def __init__(
+        self, source: Iterator[Transaction], workers: int, stop: threading.Event | None
+    ) -> None:
+        self._source = source
+        self._handed_back: collections.deque[Transaction] = collections.deque()
+        self._lock = threading.Lock()
+        self._working = workers
+        self._stop = stop
+        self._halted = False
+
+    def take(self) -> Transaction | None:
+        """The next transaction, or None: then the caller has left."""
+        with self._lock:
+            transaction = None
+            if not self._halted and not (self._stop is not None and self._stop.is_set()):
+                if self._handed_back:
+                    transaction = self._handed_back.popleft()
+                else:
+                    transaction = next(self._source, None)
+            if transaction is None:
+                self._working -= 1
+            return transaction
+
+    def hand_back(self, transaction: Transaction) -> bool:
+        """Leave, giving ``transaction`` to another connection; False if none is left.
+
+        Then the caller's failure is the pool's: nothing more is taken.
+        """
+        with self._lock:
+            self._working -= 1
+            if self._working == 0:
+                self._halted = True
+                return False
+            self._handed_back.append(transaction)
+            return True
 
 
 class SMTPPool:
@@ -291,47 +558,46 @@ class SMTPPool:
         """How many times a session was opened (a reconnect counts again)."""
         return sum(c.opened for c in self.connections)
 
-    def send_all(self, transactions: Iterable[Transaction]) -> list[Outcome]:
-        """Send every transaction; stop early when the session itself fails (down, TLS, AUTH).
+    def send_all(
+        self, transactions: Iterable[Transaction], stop: threading.Event | None = None
+    ) -> list[Outcome]:
+        """Send every transaction, until ``stop`` is set or no connection can open a session.
 
         Transactions are pulled from the iterable as connections become free,
         so a generator of per-recipient copies never has more than one copy
-        per connection in memory. Transactions not attempted are not in the result.
+        per connection in memory. A connection that cannot open a session
+        (refused, ``421`` greeting, TLS, AUTH) while others can hands its
+        transaction back and sends nothing more in this call; when none can,
+        the last one's failure is in the result and sending stops.
+        Transactions not attempted are not in the result.
         """
         source = iter(transactions)
         head = list(itertools.islice(source, 2))
         source = itertools.chain(head, source)
+        work = _Work(source, len(self.connections), stop)
         if len(self.connections) == 1 or len(head) < 2:
-            # One transaction (a small bulk post) is not worth a thread hand-off.
-            return self._drain(self.connections[0], source, threading.Lock(), threading.Event())
+            # Not worth a thread hand-off: one connection after the other, open sessions first.
+            ordered = sorted(self.connections, key=lambda c: c.smtp is None)
+            return [outcome for c in ordered for outcome in self._drain(c, work)]
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=len(self.connections), thread_name_prefix="listdelivery-smtp"
             )
-        lock, stop = threading.Lock(), threading.Event()
         futures = [
-            self._executor.submit(self._drain, connection, source, lock, stop)
-            for connection in self.connections
+            self._executor.submit(self._drain, connection, work) for connection in self.connections
         ]
         return [outcome for future in futures for outcome in future.result()]
 
     @staticmethod
-    def _drain(
-        connection: Connection,
-        source: Iterator[Transaction],
-        lock: threading.Lock,
-        stop: threading.Event,
-    ) -> list[Outcome]:
+    def _drain(connection: Connection, work: _Work) -> list[Outcome]:
         outcomes = []
-        while not stop.is_set():
-            with lock:
-                transaction = next(source, None)
-            if transaction is None:
-                break
+        while (transaction := work.take()) is not None:
             outcome = connection.send(transaction)
-            outcomes.append(outcome)
             if outcome.failure and outcome.failure.concerns_session:
-                stop.set()
+                if not work.hand_back(transaction):
+                    outcomes.append(outcome)
+                break
+            outcomes.append(outcome)
         return outcomes
 
     def close(self) -> None:

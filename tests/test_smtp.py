@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import smtplib
 import ssl
 import subprocess
+import threading
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from listdelivery import conf
-from listdelivery.smtp import Connection, SMTPPool, Transaction
+from listdelivery.smtp import Connection, Failure, SMTPPool, Transaction
 from listdelivery.testing import SMTPTestServer
+from listdelivery.wire import wire_safe
 
 MESSAGE = b"From: a@example.com\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -37,11 +43,14 @@ def test_a_stale_session_is_replaced_without_a_failure(smtpd):
     connection.close()
 
 
-def test_a_server_that_is_down_is_a_connect_failure_with_mailmans_444(smtpd):
+def test_a_server_that_is_down_is_a_connect_failure_with_no_reply_code(smtpd):
     smtpd.stop()
     outcome = Connection(config_for(smtpd)).send(transaction())
-    assert (outcome.failure.stage, outcome.failure.code) == ("connect", 444)
+    assert outcome.failure == Failure(
+        "connect", None, "no reply: connection refused (ConnectionRefusedError)"
+    )
     assert outcome.accepted == []
+    assert outcome.undelivered == ["a@example.com"]
 
 
 def test_parallel_connections_share_the_work(smtpd):
@@ -125,7 +134,9 @@ def test_starttls_against_a_server_without_it_is_a_tls_failure(smtpd):
 def test_a_slow_server_times_out_as_a_temporary_failure(smtpd):
     smtpd.delay = 1.0
     outcome = Connection(config_for(smtpd, SMTP_TIMEOUT=timedelta(seconds=0.3))).send(transaction())
-    assert (outcome.failure.stage, outcome.failure.code) == ("data", 444)
+    assert outcome.failure == Failure(
+        "data", None, "no reply: nothing within 0.3 seconds (TimeoutError)"
+    )
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
@@ -170,3 +181,298 @@ def test_leading_dots_are_stuffed_and_arrive_intact(smtpd):
     message = b"From: a@example.com\r\n\r\n.hidden\r\n..two\r\nend"
     Connection(config_for(smtpd)).send(Transaction("l@example.com", ["a@example.com"], message))
     assert smtpd.messages[0].content == message + b"\r\n"
+
+
+# -- replies as the server gave them (issue 10, points 2, 23, 24, 28) -----------
+
+
+def test_an_unreadable_rcpt_reply_is_a_refusal_without_a_code(smtpd):
+    smtpd.fail_rcpt = {"b@example.com": "4x1 try later"}
+    outcome = Connection(config_for(smtpd)).send(transaction("a@example.com", "b@example.com"))
+
+    assert outcome.refused == {"b@example.com": (None, "unreadable reply: 4x1 try later")}
+    assert outcome.accepted == ["a@example.com"]
+    assert [m.rcpt_tos for m in smtpd.messages] == [["a@example.com"]]
+
+
+@pytest.mark.parametrize("stage", ["mail", "data"])
+def test_an_unreadable_reply_fails_the_transaction_without_a_code(smtpd, stage):
+    setattr(smtpd, f"fail_{stage}", "4x1 try later")
+    connection = Connection(config_for(smtpd))
+
+    outcome = connection.send(transaction())
+    setattr(smtpd, f"fail_{stage}", None)
+
+    assert outcome.failure == Failure(stage, None, "unreadable reply: 4x1 try later")
+    assert outcome.undelivered == ["a@example.com"]
+    assert connection.send(transaction()).failure is None
+    assert len(smtpd.messages) == 1
+
+
+def test_a_dropped_connection_keeps_the_refusals_already_read(smtpd):
+    smtpd.fail_rcpt = {"b@example.com": "550 5.1.1 No such user"}
+    smtpd.drop_data = 1
+    connection = Connection(config_for(smtpd))
+
+    outcome = connection.send(transaction("a@example.com", "b@example.com", "c@example.com"))
+
+    assert outcome.refused == {"b@example.com": (550, "5.1.1 No such user")}
+    assert outcome.failure.stage == "data" and outcome.failure.code is None
+    assert outcome.failure.text.startswith("no reply: ")
+    assert outcome.undelivered == ["a@example.com", "c@example.com"]
+    assert connection.send(transaction(*outcome.undelivered)).failure is None
+    assert [m.rcpt_tos for m in smtpd.messages] == [["a@example.com", "c@example.com"]]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_chunk_with_many_unknown_users_is_delivered_after_postfix_hangs_up(pipelining):
+    """Postfix answers 550 to each unknown user and hangs up after smtpd_hard_error_limit."""
+    unknown = [f"gone{i}@example.com" for i in range(22)]
+    chunk = ["anne@example.com", *unknown, "bart@example.com", "cris@example.com"]
+    with SMTPTestServer(pipelining=pipelining) as server:
+        server.hard_error_limit = 20
+        server.fail_rcpt = {address: "550 5.1.1 No such user" for address in unknown}
+        connection = Connection(config_for(server))
+
+        first = connection.send(transaction(*chunk))
+        again = connection.send(transaction(*first.undelivered))
+
+        assert first.failure == Failure("rcpt", 421, "4.7.0 Error: too many errors")
+        assert first.refused == {
+            **{address: (550, "5.1.1 No such user") for address in unknown[:20]},
+            unknown[20]: (421, "4.7.0 Error: too many errors"),
+        }
+        assert first.undelivered == [
+            "anne@example.com",
+            unknown[21],
+            "bart@example.com",
+            "cris@example.com",
+        ]
+        assert again.failure is None
+        assert again.refused == {unknown[21]: (550, "5.1.1 No such user")}
+        assert [m.rcpt_tos for m in server.messages] == [
+            ["anne@example.com", "bart@example.com", "cris@example.com"]
+        ]
+
+
+def test_with_several_recipients_data_waits_for_their_replies(smtpd):
+    """A DATA sent after every RCPT was refused would be one more error for the server."""
+    smtpd.hard_error_limit = 3
+    smtpd.fail_rcpt = {
+        "gone1@example.com": "550 5.1.1 No such user",
+        "gone2@example.com": "550 5.1.1 No such user",
+    }
+    connection = Connection(config_for(smtpd))
+
+    refused = connection.send(transaction("gone1@example.com", "gone2@example.com"))
+    delivered = connection.send(transaction("a@example.com"))
+
+    assert refused.failure is None and len(refused.refused) == 2
+    assert delivered.failure is None
+    assert smtpd.connections == 1
+
+
+def test_too_many_recipients_is_a_refusal_of_the_rest_with_the_servers_reply(smtpd):
+    smtpd.max_recipients = 2
+    outcome = Connection(config_for(smtpd)).send(
+        transaction("a@example.com", "b@example.com", "c@example.com")
+    )
+    assert outcome.failure is None
+    assert outcome.refused == {"c@example.com": (452, "4.5.3 Too many recipients")}
+    assert [m.rcpt_tos for m in smtpd.messages] == [["a@example.com", "b@example.com"]]
+
+
+def test_starttls_refused_by_the_server_is_a_tls_failure_with_its_reply(self_signed):
+    with SMTPTestServer(tls_context=self_signed) as server:
+        server.fail_starttls = "454 4.7.0 TLS not available due to local problem"
+        config = config_for(server, SMTP_SECURE_MODE="starttls", SMTP_VERIFY_CERT=False)
+        outcome = Connection(config).send(transaction())
+        assert outcome.failure == Failure(
+            "tls", 454, "4.7.0 TLS not available due to local problem"
+        )
+        assert server.messages == []
+
+
+def test_the_ehlo_name_is_the_setting(smtpd):
+    Connection(config_for(smtpd, SMTP_EHLO_NAME="lists.example.org")).send(transaction())
+    assert smtpd.ehlo_names == ["lists.example.org"]
+
+
+def test_without_an_ehlo_name_the_machines_own_is_sent(smtpd):
+    with smtplib.SMTP(smtpd.host, smtpd.port) as probe:
+        machine = probe.local_hostname
+    Connection(config_for(smtpd, SMTP_EHLO_NAME="")).send(transaction())
+    assert smtpd.ehlo_names == [machine]
+
+
+# -- sessions (points 7, 8, 25) --------------------------------------------------
+
+
+def test_max_sessions_per_connection_counts_failed_transactions_too(smtpd):
+    smtpd.fail_rcpt = {"gone@example.com": "550 5.1.1 No such user"}
+    connection = Connection(config_for(smtpd, MAX_SESSIONS_PER_CONNECTION=2))
+    for recipient in ["gone", "a", "gone", "b", "gone"]:
+        connection.send(transaction(f"{recipient}@example.com"))
+    connection.close()
+
+    assert smtpd.connections == 3
+    assert [m.connection for m in smtpd.messages] == [1, 2]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_a_non_ascii_password_logs_in(mechanism):
+    with SMTPTestServer(auth=("list", "pässwörd"), auth_mechanisms=(mechanism,)) as server:
+        config = config_for(server, SMTP_USER="list", SMTP_PASSWORD="pässwörd")
+        outcome = Connection(config).send(transaction())
+        assert outcome.failure is None
+        assert len(server.messages) == 1
+
+
+@pytest.mark.parametrize("password", ["pässwört", "p\udcc3sswort"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_a_wrong_password_fails_at_auth_and_is_shown_nowhere(caplog, mechanism, password):
+    caplog.set_level(logging.DEBUG)
+    with SMTPTestServer(auth=("list", "pässwörd"), auth_mechanisms=(mechanism,)) as server:
+        config = config_for(server, SMTP_USER="list", SMTP_PASSWORD=password)
+        outcome = Connection(config).send(transaction())
+
+    assert outcome.failure == Failure("auth", 535, "5.7.8 Authentication credentials invalid")
+    shown = repr(outcome) + caplog.text
+    assert not any(password[i : i + 3] in shown for i in range(len(password) - 2))
+
+
+def test_a_server_without_plain_or_login_is_an_auth_failure():
+    with SMTPTestServer(auth=("list", "pw"), auth_mechanisms=()) as server:
+        config = config_for(server, SMTP_USER="list", SMTP_PASSWORD="pw")
+        outcome = Connection(config).send(transaction())
+    assert outcome.failure.stage == "auth" and outcome.failure.code is None
+    assert "neither AUTH PLAIN nor AUTH LOGIN" in outcome.failure.text
+
+
+def test_a_connection_over_the_servers_limit_hands_its_work_to_the_others(smtpd):
+    smtpd.max_connections = 2
+    smtpd.delay = 0.02
+    recipients = [f"r{i}@example.com" for i in range(12)]
+    with SMTPPool(config_for(smtpd, SMTP_CONNECTIONS=4)) as pool:
+        first = pool.send_all(transaction(r) for r in recipients)
+        refused_at_first = smtpd.refused_connections
+        second = pool.send_all(transaction(r) for r in recipients)
+
+    assert [o.failure for o in first + second] == [None] * 24
+    assert smtpd.recipients_count() == {r: 2 for r in recipients}
+    assert smtpd.connections == 2
+    assert (refused_at_first, smtpd.refused_connections) == (2, 4)  # each send_all tries again
+
+
+def test_a_single_transaction_goes_to_an_open_session(smtpd):
+    smtpd.max_connections = 1
+    with SMTPPool(config_for(smtpd, SMTP_CONNECTIONS=3)) as pool:
+        pool.send_all(transaction(f"r{i}@example.com") for i in range(6))
+        refused = smtpd.refused_connections
+        [outcome] = pool.send_all([transaction("last@example.com")])
+
+    assert outcome.failure is None
+    assert smtpd.refused_connections == refused  # no new connection was tried
+    assert smtpd.recipients_count()["last@example.com"] == 1
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_when_no_connection_can_open_the_send_all_stops_with_the_failure(smtpd, connections):
+    smtpd.max_connections = 0
+    with SMTPPool(config_for(smtpd, SMTP_CONNECTIONS=connections)) as pool:
+        outcomes = pool.send_all(transaction(f"r{i}@example.com") for i in range(20))
+
+    assert [o.failure for o in outcomes] == [Failure("connect", 421, "4.7.0 Too many connections")]
+    assert smtpd.refused_connections == connections
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_send_all_takes_no_more_transactions_once_stop_is_set(smtpd, connections):
+    stop = threading.Event()
+
+    def copies():
+        for i in range(20):
+            if i == 3:
+                stop.set()  # as the runner does when it loses its lease
+            yield transaction(f"r{i}@example.com")
+
+    with SMTPPool(config_for(smtpd, SMTP_CONNECTIONS=connections)) as pool:
+        outcomes = pool.send_all(copies(), stop=stop)
+        assert pool.send_all([transaction()], stop=stop) == []
+
+    assert len(outcomes) == 4
+    assert len(smtpd.messages) == 4
+
+
+# -- the message on the wire (points 9, 11, 26) ----------------------------------
+
+
+def test_a_message_over_the_servers_size_limit_is_not_sent():
+    message = b"Subject: big\r\n\r\n" + (b"x" * 100 + b"\r\n") * 20
+    with SMTPTestServer(data_size_limit=1000) as server:
+        connection = Connection(config_for(server))
+        big = connection.send(Transaction("l@example.com", ["a@example.com"], message))
+        small = connection.send(transaction())
+
+        assert big.failure == Failure(
+            "size",
+            552,
+            f"5.3.4 message of {len(message)} octets exceeds the server's limit of 1000",
+        )
+        assert big.undelivered == ["a@example.com"]
+        assert small.failure is None and server.connections == 1
+
+
+@pytest.mark.parametrize("limit, declared", [(1000, True), (0, False)])
+def test_the_size_is_declared_when_the_server_offers_size(limit, declared):
+    with SMTPTestServer(data_size_limit=limit) as server:
+        Connection(config_for(server)).send(transaction())
+        [received] = server.messages
+    expected = [f"SIZE={len(received.content)}"] if declared else []
+    assert [o for o in received.mail_options if o.startswith("SIZE=")] == expected
+
+
+@pytest.mark.parametrize("offered", [True, False])
+@pytest.mark.parametrize("body", ["Hello", "Grüße"])
+def test_body_8bitmime_is_declared_only_for_8bit_content_to_a_server_offering_it(offered, body):
+    message = f"Subject: hi\r\n\r\n{body}\r\n".encode()
+    with SMTPTestServer(eight_bit_mime=offered) as server:
+        outcome = Connection(config_for(server)).send(
+            Transaction("l@example.com", ["a@example.com"], message)
+        )
+        [received] = server.messages
+    assert outcome.failure is None
+    assert ("BODY=8BITMIME" in received.mail_options) == (offered and received.eight_bit)
+
+
+def test_bare_line_ends_go_out_as_crlf(smtpd):
+    message = b"Subject: hi\n\nline one\rline two\n.dot\n"
+    Connection(config_for(smtpd)).send(Transaction("l@example.com", ["a@example.com"], message))
+    content = smtpd.messages[0].content
+    assert content == b"Subject: hi\r\n\r\nline one\r\nline two\r\n.dot\r\n"
+
+
+@pytest.fixture(scope="module")
+def sink():
+    with SMTPTestServer() as server:
+        connection = Connection(config_for(server))
+        yield server, connection
+        connection.close()
+
+
+PIECES = [b".", b"..", b"\r", b"\n", b"\r\n", b"x", b" ", b"\xc3\xa9", b"\x00", b"From "]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    message=st.binary(max_size=200) | st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join)
+)
+def test_any_message_arrives_as_wire_safe_made_it(sink, message):
+    server, connection = sink
+    outcome = connection.send(Transaction("l@example.com", ["a@example.com"], message))
+
+    expected = wire_safe(message, eight_bit_ok=True)
+    if not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert outcome.failure is None
+    assert server.messages[-1].content == expected
