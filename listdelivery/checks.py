@@ -11,6 +11,7 @@ Ids are stable and documented in the README:
 - ``listdelivery.E007`` ``VERP_DELIMITER`` is not a single separator character.
 - ``listdelivery.E010`` ``UNSUBSCRIBE_BASE_URL`` is set but is not an http(s) URL (or holds
   characters no URL may hold unencoded: it goes into a header of every personal copy).
+- ``listdelivery.E011`` ``SMTP_EHLO_NAME`` is not a host name or an address literal.
 - ``listdelivery.W001`` an unknown key in ``LISTDELIVERY`` (a typo is otherwise silent).
 - ``listdelivery.W002`` ``LEASE_DURATION`` is not longer than ``SMTP_TIMEOUT``.
 - ``listdelivery.W003`` only one of ``SMTP_USER`` and ``SMTP_PASSWORD`` is set.
@@ -132,6 +133,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 10,
                 hint="For example https://lists.example.com (the site that serves "
                 "listdelivery.urls), without spaces, quotes, braces or angle brackets.",
+            )
+        )
+    ehlo_name = config["SMTP_EHLO_NAME"]
+    if ehlo_name and not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f.:IPv]+\]", ehlo_name):
+        found.append(
+            _error(
+                "SMTP_EHLO_NAME",
+                f"is {ehlo_name!r}, not a host name or an address literal.",
+                11,
+                hint="For example lists.example.com or [192.0.2.1]; empty: this machine's name.",
             )
         )
     if config["LEASE_DURATION"] <= config["SMTP_TIMEOUT"]:

@@ -251,3 +251,13 @@ def test_queueing_inside_a_transaction_with_the_broker_down_never_raises_to_the_
     assert "Could not enqueue" in result.stderr and "sweep" in result.stderr
     assert "broker-secret" not in result.stderr
     assert OutgoingMessage.objects.get().status == OutgoingMessage.Status.QUEUED
+
+
+@pytest.mark.parametrize("name", ["lists.exämple.org", "two words", "a\r\nMAIL FROM:<x>"])
+def test_an_ehlo_name_that_cannot_be_sent_is_an_error(name):
+    assert "listdelivery.E011" in ids(SMTP_EHLO_NAME=name)
+
+
+@pytest.mark.parametrize("name", ["", "lists.example.org", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_a_host_name_or_address_literal_is_a_good_ehlo_name(name):
+    assert "listdelivery.E011" not in ids(SMTP_EHLO_NAME=name)
