@@ -223,9 +223,11 @@ class PostfixInstance:
         queue is empty, or until ``timeout``; return the copies per recipient either way."""
         deadline = time.monotonic() + timeout
         while True:
+            # The queue first: a message leaves it only once it is in its Maildir.
+            queued = self.queue_size()
             counts = self.copies()
             reached = expected is None or sum(counts.values()) >= expected
-            if (reached and self.queue_size() == 0) or time.monotonic() > deadline:
+            if (reached and queued == 0) or time.monotonic() > deadline:
                 return counts
             time.sleep(0.05)
 

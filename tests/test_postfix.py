@@ -147,7 +147,6 @@ def test_a_bulk_chunk_with_30_unknown_users_delivers_to_the_20_members_and_bounc
 
     passes = deliver_in_passes(row, passes=3)
 
-    print(f"delivered in {passes} runner passes")
     assert_one_copy_each(server, valid, row)
     assert bounced() == Counter(unknown), (
         f"bounced {sorted(bounced())} instead of the 30 unknown users\n" + explain(server, row)
