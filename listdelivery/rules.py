@@ -104,16 +104,10 @@ def resend_now(outcome: Outcome) -> list[str]:
     if outcome.failure is not None and outcome.failure.stage in ("rcpt", "data"):
         answered = any(is_permanent(code) for code, _ in outcome.refused.values())
         if answered:
-            again += [
-                address
-                for address in outcome.undelivered
-                if address not in again and _not_final(outcome.refused.get(address))
-            ]
+            # Those never answered, and the one answered "421": closing, about the session.
+            again += [a for a in outcome.undelivered if a not in again]
+            again += [a for a, (code, _) in outcome.refused.items() if code == 421]
     return again
-
-
-def _not_final(reply: tuple[int | None, str] | None) -> bool:
-    return reply is None or not is_permanent(reply[0])
 
 
 # -- judging a batch ----------------------------------------------------------------

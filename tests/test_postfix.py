@@ -152,6 +152,7 @@ def test_a_bulk_chunk_with_30_unknown_users_delivers_to_the_20_members_and_bounc
         f"bounced {sorted(bounced())} instead of the 30 unknown users\n" + explain(server, row)
     )
     assert row.status == Status.DELIVERED, f"{passes} passes\n" + explain(server, row)
+    assert passes == 1, "the rest was not sent again at once\n" + explain(server, row)
 
 
 def test_a_recipient_limit_below_max_recipients_still_delivers_everything_in_one_pass(db, postfix):
