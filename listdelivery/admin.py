@@ -29,7 +29,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import dashboard, lease, tasks
+from . import dashboard, lease, signals, tasks
 from .models import (
     BounceEvent,
     DeliveryStatus,
@@ -115,12 +115,24 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
         pk__in=queryset.values("pk"), status__in=OutgoingMessage.WAITING
     )
     with transaction.atomic():
+        chosen = list(posts.select_for_update(of=("self",)).select_related("mailing_list"))
+        posts = posts.filter(pk__in=[post.pk for post in chosen])
         OutgoingRecipient.objects.filter(
             message__in=posts, status__in=OutgoingRecipient.OPEN
         ).update(status=RStatus.FAILED, smtp_message=reason, finished_at=now)
-        return lease.release(
+        count = lease.release(
             posts, status=Status.DISCARDED, last_error=reason, finished_at=now, updated_at=now
         )
+        for post in chosen:
+            post.status, post.last_error = Status.DISCARDED, reason
+            signals.send_on_commit(
+                signals.post_discarded,
+                OutgoingMessage,
+                post=post,
+                mailing_list=post.mailing_list,
+                reason=reason,
+            )
+        return count
 
 
 # -- reading a post --------------------------------------------------------------

@@ -30,7 +30,7 @@ from django.db import transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from . import conf, verp
+from . import conf, signals, verp
 from .models import BounceEvent, DeliveryStatus, MailingList, Member
 
 logger = logging.getLogger(__name__)
@@ -314,8 +314,15 @@ def _count(member: Member, event: BounceEvent, threshold: int, stale_after) -> N
         # As Mailman: the score starts again, so that a member whose delivery
         # is enabled again is not disabled by the very next bounce.
         member.delivery_status = DeliveryStatus.BY_BOUNCES
-        member.bounce_score = 0
+        reached, member.bounce_score = member.bounce_score, 0
         fields.append("delivery_status")
+        signals.send_on_commit(
+            signals.member_disabled_by_bounces,
+            Member,
+            member=member,
+            mailing_list=member.mailing_list,
+            bounce_score=reached,
+        )
     member.save(update_fields=fields)
 
 

@@ -35,7 +35,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, redact, rules
+from . import conf, redact, rules, signals
 from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
@@ -582,6 +582,7 @@ class OutgoingRunner:
             return False
         row.status, row.last_error = ending.status, error
         summary.count(ending.status)
+        _announce(row, ending)
         return True
 
     def _backoff(self, row: OutgoingMessage) -> datetime:
@@ -645,6 +646,27 @@ class OutgoingRunner:
                 )
         else:
             smtp_log.info("%s post to %s from %s, %d bytes", msgid, post.list_address, sender, size)
+
+
+ENDING_SIGNALS = {
+    Status.DELIVERED: signals.post_delivered,
+    Status.FAILED: signals.post_failed,
+    Status.DISCARDED: signals.post_discarded,
+    Status.HELD: signals.post_held,
+}
+
+
+def _announce(row: OutgoingMessage, ending: Ending) -> None:
+    """Tell the host site, once the ending is committed (a retry is not news)."""
+    signal = ENDING_SIGNALS.get(ending.status)
+    if signal is None:
+        return
+    arguments: dict[str, Any] = {"post": row, "mailing_list": row.mailing_list}
+    if ending.status != Status.DELIVERED:
+        arguments["reason"] = row.last_error
+    if ending.status == Status.HELD:
+        arguments["needs_admin"] = ending.fields.get("next_attempt_at", False) is None
+    signals.send_on_commit(signal, OutgoingMessage, **arguments)
 
 
 def _record_sent(ids: list[int]) -> None:

@@ -16,6 +16,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
+from . import signals
 from .models import DeliveryStatus, Member
 from .tokens import read_token
 
@@ -38,9 +39,18 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
         return _page(request, "gone", status=404)
     if request.method == "GET":
         return _page(request, "confirm", member=member)
-    Member.objects.filter(pk=member.pk, delivery_status=DeliveryStatus.ENABLED).update(
+    changed = Member.objects.filter(pk=member.pk, delivery_status=DeliveryStatus.ENABLED).update(
         delivery_status=DeliveryStatus.BY_USER
     )
+    if changed:
+        member.delivery_status = DeliveryStatus.BY_USER
+        signals.send_on_commit(
+            signals.member_unsubscribed,
+            Member,
+            member=member,
+            mailing_list=member.mailing_list,
+            how="one-click",
+        )
     return _page(request, "done", member=member)
 
 
