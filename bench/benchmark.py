@@ -1,8 +1,8 @@
-"""The delivery benchmark: ``python -m listdelivery.bench`` (``--quick`` for a CI-sized run).
+"""The delivery benchmark: ``python -m bench`` from the repository (``--quick`` for a CI run).
 
 It starts its own SMTP sink in a separate process (Postfix's ``smtp-sink`` when
 ``/usr/sbin/smtp-sink`` is installed, otherwise the asyncio sink in
-:mod:`listdelivery.bench_sink`), migrates a scratch SQLite database in a
+:mod:`bench.sink`), migrates a scratch SQLite database in a
 temporary directory (``--database-url`` to use another, e.g. PostgreSQL: it
 must hold no listdelivery rows, since every table is emptied between
 repetitions) and measures, in one run:
@@ -108,7 +108,7 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m listdelivery.bench",
+        prog="python -m bench",
         description="Measure listdelivery's delivery throughput against a local SMTP sink.",
     )
     size = parser.add_argument_group("size (defaults: 10000 members, 1000 posts, 100000, 3)")
@@ -296,12 +296,12 @@ class Sink:
 
 
 class AsyncioSink(Sink):
-    name = "asyncio sink (listdelivery.bench_sink)"
+    name = "asyncio sink (bench.sink)"
 
     def start(self) -> AsyncioSink:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "listdelivery.bench_sink", "--host", self.host]
+        command = [sys.executable, "-m", "bench.sink", "--host", self.host]
         command += ["--port", "0"] + (["--pipelining"] if self.pipelining else [])
         self.process = subprocess.Popen(
             command,
@@ -1013,7 +1013,7 @@ class Bench:
         command = [
             sys.executable,
             "-m",
-            "listdelivery.bench",
+            "bench",
             "--_memory-child",
             str(n),
             "--_memory-phase",
@@ -1395,7 +1395,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_members": options.memory_members,
             "repeat": options.repeat,
             "connections": options.connections,
-            "command": " ".join(["python -m listdelivery.bench", *(argv or sys.argv[1:])]),
+            "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
         }
         print("\n".join(header_lines(meta)), flush=True)
         bench = Bench(options, sink, scratch)

@@ -1,7 +1,7 @@
 """A fast SMTP sink for the benchmark: accepts everything, keeps nothing, counts.
 
-Run it on its own (``python -m listdelivery.bench_sink --port 2525``) or let
-``python -m listdelivery.bench`` start it in a separate process. It is a
+Run it on its own (``python -m bench.sink --port 2525``) or let
+``python -m bench`` start it in a separate process. It is a
 hand-written asyncio protocol rather than aiosmtpd, which spends more CPU per
 transaction than the client under test and would be the bottleneck.
 
