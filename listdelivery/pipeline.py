@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
+from email.policy import Compat32
 from itertools import islice
 from typing import Any
 
@@ -24,10 +26,13 @@ from django.utils.dateparse import parse_datetime
 from . import tasks
 from .addresses import address_problem, unique_addresses
 from .models import DeliveryStatus, MailingList, Member, OutgoingMessage, OutgoingRecipient
+from .wire import decode_unknown
 
 logger = logging.getLogger(__name__)
 
 INSERT_BATCH = 1000
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
 
 def member_recipients(mlist: MailingList, msg: Message, msgdata: dict[str, Any]) -> None:
@@ -100,15 +105,80 @@ def after_delivery(mlist: MailingList, msg: Message, msgdata: dict[str, Any]) ->
 
 
 def serialize(msg: Message | bytes | str) -> bytes:
-    """The post's bytes, exactly as they will go on the wire."""
+    """The post's bytes, exactly as they will go on the wire.
+
+    A ``Message`` whose header values cannot be written as they are (a line
+    break inside a value, text the policy cannot encode) is written with
+    compat32, each such value on one line: never an exception, never an
+    injected header.
+    """
     if isinstance(msg, bytes):
         return msg
     if isinstance(msg, str):
         return msg.encode("utf-8", "surrogateescape")
     try:
         return msg.as_bytes()
+    except Exception:  # the email package raises many kinds here
+        logger.debug("Writing the post with one-line header values", exc_info=True)
+    try:
+        return msg.as_bytes(policy=_ONE_LINE_VALUES)
     except (UnicodeError, LookupError):
-        return msg.as_string().encode("utf-8", "surrogateescape")
+        return msg.as_string(policy=_ONE_LINE_VALUES).encode("utf-8", "surrogateescape")
+
+
+class _OneLineValues(Compat32):
+    """compat32, with a line break inside a header value written as a space."""
+
+    def _fold(self, name: str, value: Any, sanitize: bool) -> str:
+        if isinstance(value, str):
+            value = " ".join(value.split())
+        return super()._fold(name, value, sanitize)
+
+
+_ONE_LINE_VALUES = _OneLineValues()
+
+
+def header_text(value: Any) -> str:
+    """A header field's value as a person reads it, on one line: encoded words decoded
+    where they can be and left as written where they cannot, raw 8-bit octets read as
+    UTF-8 or Windows-1252; never an exception."""
+    try:
+        if isinstance(value, Header):  # how compat32 hands out a field with raw 8-bit octets
+            text = "".join(_chunk_text(data, charset) for data, charset in decode_header(value))
+        else:
+            text = str(value)
+            if any("\udc80" <= char <= "\udcff" for char in text):
+                text = decode_unknown(text.encode("utf-8", "surrogateescape"))
+            try:
+                text = _decoded(text)
+            except Exception:  # HeaderParseError, binascii.Error, LookupError …
+                text = _ENCODED_WORD.sub(lambda word: _decoded_or_literal(word[0]), text)
+    except Exception:  # the email package has many ways to fail; the field is still shown
+        text = str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogate for the database
+    return _CONTROLS.sub("", " ".join(text.split()))
+
+
+def _chunk_text(data: bytes | str, charset: str | None) -> str:
+    if isinstance(data, str):
+        return data
+    if charset in (None, "unknown-8bit"):
+        return decode_unknown(data)
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return decode_unknown(data)
+
+
+def _decoded(text: str) -> str:
+    return str(make_header(decode_header(text)))
+
+
+def _decoded_or_literal(word: str) -> str:
+    try:
+        return _decoded(word)
+    except Exception:  # any failure leaves the word as written
+        return word
 
 
 def _recipient_rows(row: OutgoingMessage, addresses: list[Any]) -> Iterable[OutgoingRecipient]:
@@ -132,15 +202,7 @@ def _recipient_rows(row: OutgoingMessage, addresses: list[Any]) -> Iterable[Outg
 
 def _header_fields(raw: bytes) -> dict[str, str]:
     parsed = BytesHeaderParser().parsebytes(raw)
-    fields = {}
-    for name in ("message-id", "subject"):
-        value = parsed.get(name, "")
-        try:
-            value = str(make_header(decode_header(str(value))))
-        except (UnicodeError, LookupError, ValueError):
-            value = str(value)
-        fields[name] = " ".join(value.split())
-    return fields
+    return {name: header_text(parsed.get(name, "")) for name in ("message-id", "subject")}
 
 
 def _deliver_after(metadata: dict[str, Any]) -> datetime | None:
