@@ -4,28 +4,42 @@ A list's header and footer are ``string.Template`` texts with Mailman's
 names (``$display_name``, ``$listname``, ``$user_address`` …). They are
 attached as Mailman attaches them (spec §8.7): a text/plain post gets them
 around its body, re-encoded; a multipart/mixed post gets inline text parts
-before and after; anything else is wrapped in a new multipart/mixed.
-RFC 2369 ``List-*`` headers replace any the post had.
+before and after; anything else, and a text/plain body that cannot be decoded
+(an unknown or undeclared charset, broken base64), is wrapped in a new
+multipart/mixed, so no content is ever lost. RFC 2369 ``List-*`` headers
+replace any the post had.
 
-Everything works on bytes. For personalized copies the per-member values are
-left as markers (``\\0LD:name\\0``, which no valid message contains) so the
-decoration is done once per post and each copy only splices values in
-(see :mod:`listdelivery.personalize`).
+Everything works on bytes and produces what may go on the wire: CRLF line
+ends, no line over 998 octets, and the text we write 7-bit (plain when it is
+ASCII with short lines, else quoted-printable). For personalized copies the
+per-member values are left as slots (``\\0<prefix>name\\0``, with a prefix no
+post contains) so the decoration is done once per post and each copy only
+splices values in (see :mod:`listdelivery.personalize`). A slot records the
+context its value lands in — ``h`` a header field, ``r`` plain text, ``q``
+quoted-printable text — so the splice can encode the value for it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import itertools
 import quopri
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from email.header import Header
+from email import quoprimime
+from email.message import Message
 from email.parser import BytesHeaderParser
+from email.utils import quote, specialsre
+from functools import cached_property
 from string import Template
 
+from django.utils.encoding import iri_to_uri
+
 from .tokens import make_token
+from .wire import MAX_LINE, crlf, encoded_words, ready, wire_safe
 
 MEMBER_NAMES = (
     "member",
@@ -43,14 +57,32 @@ CONTENT_HEADERS = (
     "content-disposition",
     "content-description",
 )
-MAX_LINE = 998
+CRLF = b"\r\n"
+#: Fold header fields we write at this width where spaces allow (RFC 5322 §2.1.1).
+FOLD_AT = 78
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+_WHITESPACE = re.compile(rb"\s+")
 
 
-def marker(name: str) -> str:
-    return f"\0LD:{name}\0"
+def marker(name: str, prefix: str) -> str:
+    """A slot for ``name`` in header or footer text; the text's encoding gives it a context."""
+    return f"{prefix}{name}\0"
 
 
-MARKER = re.compile(rb"\0LD:(\w+)\0")
+def header_marker(name: str, prefix: str) -> str:
+    """A slot for ``name`` inside a header field we write."""
+    return f"{prefix}h.{name}\0"
+
+
+def slot_pattern(prefix: str) -> re.Pattern[bytes]:
+    """Matches the slots of a prepared post: groups (context, name)."""
+    return re.compile(re.escape(prefix.encode()) + rb"([hrq])\.(\w+)\0")
+
+
+def one_line(text: str) -> str:
+    """``text`` with runs of whitespace (line breaks included) made one space, and no controls."""
+    return _CONTROLS.sub("", " ".join(text.split()))
 
 
 @dataclass(frozen=True)
@@ -66,37 +98,60 @@ class Decoration:
     unsubscribe_url: str = ""  # with {token} where the member's signed token goes
     list_pk: int | None = None
 
-    def apply(
-        self, message: bytes, *, personal: bool, member: Mapping[str, str] | None = None
-    ) -> bytes:
-        """The post with list headers and header/footer.
+    @property
+    def offers_one_click(self) -> bool:
+        return self.one_click and self.list_pk is not None and "{token}" in self.unsubscribe_url
 
-        For a personal copy, member values are ``member`` or, when not given, markers.
+    def apply(
+        self, message: bytes, *, personal: bool = False, member: Mapping[str, str] | None = None
+    ) -> bytes:
+        """The post with list headers and header/footer, ready for the wire.
+
+        ``member`` holds a member's values (see :meth:`member_values`); without
+        it the ``$user_*`` names stay as written, as on Mailman's bulk copies.
+        A personal copy of a member also gets the one-click unsubscribe headers.
         """
-        if personal and member is None:
-            member = {name: marker(name) for name in MEMBER_NAMES}
         member = member or {}
+        url = member.get("unsubscribe_url", "") if personal and self.offers_one_click else ""
+        return ready(wire_safe(self.prepare(message, member, one_click_url=url), eight_bit_ok=True))
+
+    def prepare(
+        self,
+        message: bytes,
+        values: Mapping[str, str],
+        *,
+        one_click_url: str = "",
+        slots: str | None = None,
+        quoted_printable: bool = False,
+    ) -> bytes:
+        """The decorated post; ``values`` (member values or slots) go into header and footer.
+
+        ``slots`` is the prefix of the slots in ``values`` and ``one_click_url``;
+        with ``quoted_printable`` every text that holds a slot is quoted-printable.
+        """
+        message = crlf(message)
         headers = list(self.list_headers)
-        if personal and self.one_click and member.get("unsubscribe_url"):
+        if one_click_url:
+            mailto = next((v for n, v in headers if n == "List-Unsubscribe"), "")
             headers = [(n, v) for n, v in headers if n != "List-Unsubscribe"]
-            unsubscribe = next(v for n, v in self.list_headers if n == "List-Unsubscribe")
             headers += [
-                ("List-Unsubscribe", f"<{member['unsubscribe_url']}>, {unsubscribe}"),
+                ("List-Unsubscribe", f"<{one_click_url}>, {mailto}".rstrip(", ")),
                 ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
             ]
         message = replace_headers(message, headers)
-        header = expand(self.header, {**self.variables, **member})
-        footer = expand(self.footer, {**self.variables, **member})
-        return attach(message, header, footer, utf8=personal)
+        header = expand(self.header, self.variables, values)
+        footer = expand(self.footer, self.variables, values)
+        return attach(message, header, footer, slots=slots, quoted_printable=quoted_printable)
 
     def member_values(
         self, address: str, display_name: str, member_id: int | None
     ) -> dict[str, str]:
         """Mailman's per-member substitutions (``handlers/decorate.py``), plus ``$unsubscribe_url``."""
-        name = " ".join(display_name.split())
+        name = one_line(display_name)
+        address = one_line(address)
         url = ""
-        if self.one_click and member_id is not None and self.list_pk is not None:
-            url = self.unsubscribe_url.format(token=make_token(self.list_pk, member_id))
+        if self.offers_one_click and member_id is not None:
+            url = self._url_template.replace("{token}", make_token(self.list_pk, member_id))
         return {
             "member": f"{name} <{address}>" if name else address,
             "user_email": address,
@@ -108,16 +163,29 @@ class Decoration:
             "unsubscribe_url": url,
         }
 
+    @cached_property
+    def _url_template(self) -> str:
+        # A plain replace, never str.format: a base URL may hold other braces.
+        return "{token}".join(
+            iri_to_uri(one_line(part)) for part in self.unsubscribe_url.split("{token}")
+        )
 
-def expand(template: str, values: Mapping[str, str]) -> str:
-    """Mailman's expansion: unknown ``$names`` stay literal; whitespace alone counts as empty."""
-    text = Template(template).safe_substitute(values)
+
+def expand(template: str, variables: Mapping[str, str], values: Mapping[str, str]) -> str:
+    """Mailman's expansion: unknown ``$names`` stay literal; whitespace alone counts as empty.
+
+    Line ends become ``\\n`` whatever the admin's textarea sent; list variables are one line.
+    """
+    template = template.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "")
+    substitutions = {name: one_line(str(value)) for name, value in variables.items()}
+    text = Template(template).safe_substitute({**substitutions, **values})
     return text if text.strip() else ""
 
 
 def split(message: bytes) -> tuple[bytes, list[bytes], bytes]:
     """``(eol, header lines with their endings, body)``."""
-    eol = b"\r\n" if b"\r\n" in message[: message.find(b"\n") + 1] else b"\n"
+    first = message[: message.find(b"\n") + 1]
+    eol = b"\n" if first and not first.endswith(b"\r\n") else b"\r\n"
     end = message.find(eol + eol)
     head, body = (
         (message, b"") if end < 0 else (message[: end + len(eol)], message[end + 2 * len(eol) :])
@@ -143,6 +211,22 @@ def header_fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
     return fields
 
 
+def field_line(name: str, value: str, eol: bytes = CRLF) -> bytes:
+    """One header field we write: never a line break from ``value``, folded at spaces."""
+    line = f"{name}: {' '.join(value.splitlines())}"
+    if len(line) <= FOLD_AT:
+        return line.encode("utf-8") + eol
+    lines, current = [], ""
+    for word in re.split(r"(?<=\S) (?=\S)", line):
+        if current and len(current) + 1 + len(word) > FOLD_AT:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    return (eol + b" ").join(part.encode("utf-8") for part in lines) + eol
+
+
 def replace_headers(message: bytes, headers: list[tuple[str, str]]) -> bytes:
     """Drop every field named in ``headers`` and append the new ones at the end of the header block."""
     if not headers:
@@ -150,48 +234,119 @@ def replace_headers(message: bytes, headers: list[tuple[str, str]]) -> bytes:
     eol, lines, body = split(message)
     names = {name.lower() for name, _ in headers}
     kept = [line for name, group in header_fields(lines) if name not in names for line in group]
-    added = [f"{name}: {value}".encode() + eol for name, value in headers]
+    added = [field_line(name, value, eol) for name, value in headers]
     return join(eol, kept + added, body)
 
 
-def attach(message: bytes, header: str, footer: str, *, utf8: bool = False) -> bytes:
+def attach(
+    message: bytes,
+    header: str,
+    footer: str,
+    *,
+    slots: str | None = None,
+    quoted_printable: bool = False,
+) -> bytes:
     """Attach ``header`` and ``footer`` text the way Mailman does."""
     if not header and not footer:
         return message
-    eol, lines, body = split(message)
+    texts = _Texts(slots, quoted_printable)
+    eol, lines, body = split(crlf(message))
     parsed = BytesHeaderParser().parsebytes(b"".join(lines) + eol)
     content_type = parsed.get_content_type()
     if content_type == "text/plain" and not parsed.is_multipart():
-        return _around_text(eol, lines, body, parsed, header, footer, utf8)
-    if content_type == "multipart/mixed" and parsed.get_boundary():
-        decorated = _inside_mixed(eol, body, parsed.get_boundary(), header, footer)
+        decorated = _around_text(lines, body, parsed, header, footer, texts)
         if decorated is not None:
-            return join(eol, lines, decorated)
-    return _wrapped(eol, lines, body, header, footer)
+            return decorated
+    elif content_type == "multipart/mixed" and parsed.get_boundary():
+        decorated = _inside_mixed(body, parsed.get_boundary(), header, footer, texts)
+        if decorated is not None:
+            return join(CRLF, lines, decorated)
+    return _wrapped(lines, body, header, footer, texts)
 
 
-def _around_text(eol, lines, body, parsed, header, footer, utf8) -> bytes:
-    raw_body = body.replace(b"\r\n", b"\n")
+class _Texts:
+    """Encodes the text we write (header and footer, a re-encoded body) and its slots."""
+
+    def __init__(self, prefix: str | None, quoted_printable: bool) -> None:
+        self.prefix = prefix
+        self.quoted_printable = quoted_printable
+        self.pattern = re.compile(re.escape(prefix) + r"(\w+)\0") if prefix else None
+
+    def encode(self, text: str) -> tuple[str, str, bytes]:
+        """``(transfer encoding, charset, CRLF payload)`` for ``text`` (``\\n`` line ends).
+
+        Plain 7-bit when the text is ASCII with short lines (its slots then take
+        ASCII values only, checked per copy), quoted-printable otherwise.
+        """
+        plain = self.pattern.sub("", text) if self.pattern else text
+        has_slots = len(plain) != len(text)
+        if (not has_slots or not self.quoted_printable) and _plain_ok(plain, text):
+            payload = text.replace("\n", "\r\n")
+            if has_slots:
+                payload = self.pattern.sub(lambda m: f"{self.prefix}r.{m[1]}\0", payload)
+            return "7bit", "us-ascii", payload.encode("ascii")
+        return "quoted-printable", "utf-8", self._quoted_printable(text)
+
+    def _quoted_printable(self, text: str) -> bytes:
+        """Each slot on a line of its own, between soft line breaks, so a value of any
+        length can be encoded alone (see :func:`listdelivery.personalize.quoted_printable`)."""
+        out, position = [], 0
+        for match in self.pattern.finditer(text) if self.pattern else ():
+            piece = text[position : match.start()]
+            out.append(_qp(piece))
+            if piece and not piece.endswith("\n"):
+                out.append("=\r\n")
+            out.append(f"{self.prefix}q.{match[1]}\0")
+            position = match.end()
+        out.append(_qp(text[position:]))
+        return "".join(out).encode("ascii")
+
+
+def _plain_ok(plain: str, text: str) -> bool:
+    return (
+        plain.isascii()
+        and "\0" not in plain
+        and max(map(len, text.split("\n")), default=0) <= MAX_LINE
+    )
+
+
+def _qp(text: str) -> str:
+    return quoprimime.body_encode(text.encode("utf-8", "replace").decode("latin-1"), 76, "\r\n")
+
+
+def _decoded_body(body: bytes, parsed: Message) -> str | None:
+    """The body as text, or ``None`` when it cannot be decoded without loss (Mailman then wraps)."""
     encoding = str(parsed.get("content-transfer-encoding", "7bit")).strip().lower()
     if encoding == "base64":
-        raw_body = base64.b64decode(raw_body + b"===", validate=False)
+        data = _WHITESPACE.sub(b"", body)
+        if len(data) % 4 == 1:
+            return None
+        try:
+            raw = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            return None
     elif encoding == "quoted-printable":
-        raw_body = quopri.decodestring(raw_body)
-    charset = parsed.get_content_charset("us-ascii")
-    try:
-        text = raw_body.decode(charset)
-    except (LookupError, UnicodeDecodeError):
-        text = raw_body.decode("utf-8", "replace")
-    front = "\n" if header and not header.endswith("\n") else ""
-    back = "\n" if footer and text and not text.endswith("\n") else ""
-    text = header + front + text + back + footer
-    new_charset = "utf-8" if utf8 or not text.isascii() else "us-ascii"
-    payload = text.encode(new_charset).replace(b"\n", eol)
-    if max(map(len, payload.split(eol)), default=0) > MAX_LINE:
-        cte = "quoted-printable"
-        payload = quopri.encodestring(text.encode(new_charset)).replace(b"\n", eol)
+        raw = quopri.decodestring(body)
+    elif encoding in ("", "7bit", "8bit", "binary"):
+        raw = body
     else:
-        cte = "8bit" if not payload.isascii() or utf8 else "7bit"
+        return None
+    try:
+        text = raw.decode(parsed.get_content_charset("us-ascii"))
+    except (LookupError, UnicodeError, ValueError):
+        return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _around_text(lines, body, parsed, header, footer, texts: _Texts) -> bytes | None:
+    text = _decoded_body(body, parsed)
+    if text is None:
+        return None
+    # Mailman's separators: a line break after a header that lacks one, and before
+    # the footer when the body does not end with one (an empty body included).
+    front = "\n" if header and not header.endswith("\n") else ""
+    back = "\n" if footer and not text.endswith("\n") else ""
+    cte, charset, payload = texts.encode(header + front + text + back + footer)
     kept = [
         line
         for name, group in header_fields(lines)
@@ -199,21 +354,37 @@ def _around_text(eol, lines, body, parsed, header, footer, utf8) -> bytes:
         for line in group
     ]
     kept += [
-        b"MIME-Version: 1.0" + eol,
-        f'Content-Type: text/plain; charset="{new_charset}"'.encode() + eol,
-        f"Content-Transfer-Encoding: {cte}".encode() + eol,
+        b"MIME-Version: 1.0\r\n",
+        field_line("Content-Type", _content_type(parsed, charset)),
+        f"Content-Transfer-Encoding: {cte}\r\n".encode(),
     ]
-    return join(eol, kept, payload)
+    return join(CRLF, kept, payload)
 
 
-def _text_part(eol: bytes, text: str) -> bytes:
-    payload = text.encode("utf-8").replace(b"\r\n", b"\n").replace(b"\n", eol)
-    if not payload.endswith(eol):
-        payload += eol
-    cte = "7bit" if payload.isascii() and "\0" not in text else "8bit"
-    return eol.join(
+def _content_type(parsed: Message, charset: str) -> str:
+    """The post's Content-Type with the new charset; other parameters (``format=flowed``,
+    ``delsp``) are kept."""
+    fallback = f'text/plain; charset="{charset}"'
+    original = one_line(str(parsed.get("content-type", "")))
+    if not original.isascii() or not original:
+        return fallback
+    try:
+        holder = Message()
+        holder["Content-Type"] = original
+        holder.set_param("charset", charset)
+        value = one_line(str(holder["Content-Type"]))
+    except Exception:  # odd parameters: the charset alone is what matters
+        return fallback
+    return value if value.isascii() else fallback
+
+
+def _text_part(text: str, texts: _Texts) -> bytes:
+    if not text.endswith("\n"):
+        text += "\n"
+    cte, charset, payload = texts.encode(text)
+    return CRLF.join(
         [
-            b'Content-Type: text/plain; charset="utf-8"',
+            f'Content-Type: text/plain; charset="{charset}"'.encode(),
             f"Content-Transfer-Encoding: {cte}".encode(),
             b"Content-Disposition: inline",
             b"",
@@ -222,16 +393,16 @@ def _text_part(eol: bytes, text: str) -> bytes:
     )
 
 
-def _inside_mixed(eol, body, boundary, header, footer) -> bytes | None:
+def _inside_mixed(body, boundary, header, footer, texts: _Texts) -> bytes | None:
     delimiter = b"--" + boundary.encode("ascii", "replace")
     first = _line_start(body, delimiter)
     last = _line_start(body, delimiter + b"--")
     if first is None or last is None:
         return None
     if footer:
-        body = body[:last] + delimiter + eol + _text_part(eol, footer) + eol + body[last:]
+        body = body[:last] + delimiter + CRLF + _text_part(footer, texts) + CRLF + body[last:]
     if header:
-        body = body[:first] + delimiter + eol + _text_part(eol, header) + eol + body[first:]
+        body = body[:first] + delimiter + CRLF + _text_part(header, texts) + CRLF + body[first:]
     return body
 
 
@@ -240,11 +411,21 @@ def _line_start(body: bytes, token: bytes) -> int | None:
     return match.start(1) if match else None
 
 
-def _wrapped(eol, lines, body, header, footer) -> bytes:
-    boundary = (
-        "listdelivery-"
-        + hashlib.sha1(body[:4096] + header.encode() + footer.encode()).hexdigest()[:24]
+def _boundary(body: bytes, header: str, footer: str) -> str:
+    """A boundary found nowhere in what it separates (RFC 2046 §5.1.1)."""
+    seed = hashlib.sha1(
+        body[:4096] + header.encode("utf-8", "replace") + footer.encode("utf-8", "replace")
     )
+    base = "listdelivery-" + seed.hexdigest()[:24]
+    for attempt in itertools.count():
+        boundary = f"{base}-{attempt}" if attempt else base
+        if boundary.encode() not in body and boundary not in header and boundary not in footer:
+            return boundary
+    raise AssertionError("unreachable")
+
+
+def _wrapped(lines, body, header, footer, texts: _Texts) -> bytes:
+    boundary = _boundary(body, header, footer)
     outer, inner = [], []
     for name, group in header_fields(lines):
         if name in CONTENT_HEADERS:
@@ -252,29 +433,34 @@ def _wrapped(eol, lines, body, header, footer) -> bytes:
         elif name != "mime-version":
             outer.extend(group)
     outer += [
-        b"MIME-Version: 1.0" + eol,
-        f'Content-Type: multipart/mixed; boundary="{boundary}"'.encode() + eol,
+        b"MIME-Version: 1.0\r\n",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"'.encode() + CRLF,
     ]
     delimiter = f"--{boundary}".encode()
     parts = []
     if header:
-        parts.append(_text_part(eol, header))
-    parts.append(b"".join(inner) + eol + body)
+        parts.append(_text_part(header, texts))
+    parts.append(b"".join(inner) + CRLF + body)
     if footer:
-        parts.append(_text_part(eol, footer))
+        parts.append(_text_part(footer, texts))
     # The line break before a delimiter belongs to the delimiter, so every part gets one more.
-    wrapped = b"".join(delimiter + eol + part + eol for part in parts)
-    return join(eol, outer, wrapped + delimiter + b"--" + eol)
+    wrapped = b"".join(delimiter + CRLF + part + CRLF for part in parts)
+    return join(CRLF, outer, wrapped + delimiter + b"--" + CRLF)
 
 
 def list_headers(list_id: str, display_name: str, address: str, leave: str, archive: str) -> tuple:
-    """RFC 2369 and RFC 2919 headers for every copy."""
-    name = display_name if display_name.isascii() else Header(display_name, "utf-8").encode()
+    """RFC 2369 and RFC 2919 headers for every copy; nothing from the database can break a line."""
+    name = one_line(display_name)
+    if name and not name.isascii():
+        name = " ".join(encoded_words(name))
+    elif specialsre.search(name):
+        name = f'"{quote(name)}"'
+    list_id, address, leave = one_line(list_id), one_line(address), one_line(leave)
     headers = [
         ("List-Id", f"{name} <{list_id}>" if name else f"<{list_id}>"),
         ("List-Post", f"<mailto:{address}>"),
         ("List-Unsubscribe", f"<mailto:{leave}>"),
     ]
     if archive:
-        headers.append(("List-Archive", f"<{archive}>"))
+        headers.append(("List-Archive", f"<{iri_to_uri(one_line(archive))}>"))
     return tuple(headers)
