@@ -192,7 +192,7 @@ def unsubscribe_urls(smtpd) -> dict[str, str]:
     for rcpt, message in by_recipient(smtpd).items():
         assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         url, mailto = re.fullmatch(
-            r"<(https://[^>]+)>, <(mailto:[^>]+)>", message["List-Unsubscribe"]
+            r"<(https://[^>]+)>, <(mailto:[^>]+)>", " ".join(message["List-Unsubscribe"].split())
         ).groups()
         assert mailto == "mailto:test-leave@example.com"
         urls[rcpt] = url
