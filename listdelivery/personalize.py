@@ -49,7 +49,7 @@ def format_to(address: str, display_name: str = "") -> str:
     Encoded words hold at most 75 characters and go one to a line (CRLF and a
     space between them), so no name makes a line long.
     """
-    name = one_line(display_name)
+    name, address = one_line(display_name), one_line(address)
     if not name:
         return address
     if name.isascii():

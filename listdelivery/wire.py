@@ -27,9 +27,9 @@ MAX_DEPTH = 40
 _WORD_OCTETS = 45
 
 _LINE_END = re.compile(rb"\r*\n|\r")
-_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_LINE + 1))
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]+")
+_EIGHT_BIT_TO_QUESTION_MARK = bytes(range(128)) + b"?" * 128
 _IDENTITY = ("", "7bit", "8bit", "binary")
 _ENCAPSULATED = ("message/rfc822", "message/global", "message/news")
 
@@ -75,7 +75,8 @@ def fits(data: bytes, *, eight_bit_ok: bool) -> bool:
     """No line over 998 octets, and 7-bit unless ``eight_bit_ok`` (``data`` has CRLF line ends)."""
     if not eight_bit_ok and not data.isascii():
         return False
-    return len(data) <= MAX_LINE or _LONG_LINE.search(data) is None
+    # Splitting is several times faster than any regular expression here.
+    return len(data) <= MAX_LINE or max(map(len, data.split(b"\r\n"))) <= MAX_LINE
 
 
 def encoded_words(text: str) -> list[str]:
@@ -161,7 +162,8 @@ def _split_entity(entity: bytes) -> tuple[list[bytes], bool, bytes]:
         if line == b"\r\n":
             return lines, True, entity[end:]
         continuation = line[:1] in (b" ", b"\t") and lines
-        if not continuation and not _FIELD.match(line):
+        unix_from = not lines and position == 0 and line.startswith(b"From ")
+        if not continuation and not unix_from and not _FIELD.match(line):
             break
         lines.append(line if line.endswith(b"\r\n") else line + b"\r\n")
         position = end
@@ -237,8 +239,6 @@ def _reencoded(fields, headers, body: bytes, *, top: bool):
         else:
             new_cte = "base64"
             body = base64mime.body_encode(data, 76, "\r\n").encode("ascii")
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
     names = [name for name, _ in fields]
     fields = [(n, g) for n, g in fields if n != "content-transfer-encoding"]
     if maintype == "text" and headers.get_param("charset") is None and not data.isascii():
@@ -269,7 +269,7 @@ def _crude(data: bytes, eight_bit_ok: bool) -> bytes:
     if fits(data, eight_bit_ok=eight_bit_ok):
         return data
     if not eight_bit_ok:
-        data = bytes(b if b < 128 else 63 for b in data)  # "?"
+        data = data.translate(_EIGHT_BIT_TO_QUESTION_MARK)
     return b"\r\n".join(
         b"\r\n".join(line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE))
         for line in data.split(b"\r\n")
