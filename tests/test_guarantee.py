@@ -413,3 +413,25 @@ def test_a_non_ascii_password_that_is_wrong_holds_the_post_and_never_shows_it(
         make_due(row)
         run()
         assert [m.rcpt_tos for m in server.messages] == [THREE]
+
+
+def test_a_member_written_in_another_case_gets_their_own_one_click_link(
+    deliver_to, smtpd, mlist, first_post
+):
+    """Issue 10, point 20: the member is found whatever the case of the recipient address."""
+    from listdelivery.models import Member
+    from listdelivery.tokens import read_token
+
+    deliver_to(UNSUBSCRIBE_BASE_URL="https://lists.example.com")
+    mlist.personalize = Personalization.INDIVIDUAL
+    mlist.save()
+    queue_post(mlist, first_post, {"recipients": ["BPerson@Example.com"]})
+    run()
+
+    copy = smtpd.messages[0].message
+    links = " ".join(str(copy["List-Unsubscribe"]).split())
+    assert copy["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = links.split("<", 1)[1].split(">", 1)[0]
+    assert url.startswith("https://lists.example.com/lists/unsubscribe/")
+    token = url.rstrip("/").rsplit("/", 1)[1]
+    assert read_token(token) == (mlist.pk, Member.objects.get(address="bperson@example.com").pk)
