@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: Stages at which a failure concerns the session, not the transaction: stop sending.
 SESSION_STAGES = frozenset({"connect", "tls", "auth"})
+#: Transactions with at most this many recipients send DATA without waiting for the RCPT replies.
+PIPELINE_DATA_UP_TO = 10
 #: Reuse an idle session only after a NOOP says it is still alive.
 IDLE_CHECK_SECONDS = 10.0
 #: What smtplib reports for a reply whose code it could not read.
@@ -390,10 +392,11 @@ class Connection:
         """MAIL, RCPTs and DATA; ``replies`` holds what was read, should the connection fail."""
         recipients = transaction.recipients
         pipelining = self.features.pipelining
-        # One recipient (the personalized hot path): DATA goes in the same write.
-        # More: wait for the RCPT replies first, so that refused recipients do not
-        # cost the server a DATA error each, nor us its tarpit (RFC 2920 §3.1).
-        data_pipelined = pipelining and len(recipients) == 1
+        # A few recipients (a personal copy, a default bulk chunk): DATA goes in the
+        # same write. Many: wait for the RCPT replies first, so that a chunk of
+        # unknown users does not cost the server a DATA error too, nor us its
+        # tarpit (RFC 2920 §3.1).
+        data_pipelined = pipelining and len(recipients) <= PIPELINE_DATA_UP_TO
         commands = [mail, *(f"RCPT TO:<{r}>" for r in recipients)]
         if data_pipelined:
             commands.append("DATA")

@@ -255,19 +255,19 @@ def test_a_chunk_with_many_unknown_users_is_delivered_after_postfix_hangs_up(pip
         ]
 
 
-def test_with_several_recipients_data_waits_for_their_replies(smtpd):
+def test_with_many_recipients_data_waits_for_their_replies(smtpd):
     """A DATA sent after every RCPT was refused would be one more error for the server."""
-    smtpd.hard_error_limit = 3
-    smtpd.fail_rcpt = {
-        "gone1@example.com": "550 5.1.1 No such user",
-        "gone2@example.com": "550 5.1.1 No such user",
-    }
+    from listdelivery.smtp import PIPELINE_DATA_UP_TO
+
+    gone = [f"gone{i:02d}@example.com" for i in range(PIPELINE_DATA_UP_TO + 1)]
+    smtpd.hard_error_limit = len(gone) + 1
+    smtpd.fail_rcpt = dict.fromkeys(gone, "550 5.1.1 No such user")
     connection = Connection(config_for(smtpd))
 
-    refused = connection.send(transaction("gone1@example.com", "gone2@example.com"))
+    refused = connection.send(transaction(*gone))
     delivered = connection.send(transaction("a@example.com"))
 
-    assert refused.failure is None and len(refused.refused) == 2
+    assert refused.failure is None and len(refused.refused) == len(gone)
     assert delivered.failure is None
     assert smtpd.connections == 1
 
