@@ -1,16 +1,21 @@
 """The one place listdelivery reads its settings.
 
 Everything lives in a single ``LISTDELIVERY`` dict in the Django settings. It
-is read at call time and cached until ``setting_changed`` fires, so
-``override_settings(LISTDELIVERY={...})`` works the way Mailman's
-``config.push`` does. The keys follow Mailman's ``[mta]`` names in upper case.
+is read at call time, so ``override_settings(LISTDELIVERY={...})`` works the
+way Mailman's ``config.push`` does, and so does a plain
+``settings.LISTDELIVERY = {...}``: the converted values are cached only while
+the dict is the same object with the same contents. The keys follow Mailman's
+``[mta]`` names in upper case.
+
+This module never reads the environment (a host's settings file does that,
+explicitly, with ``listdelivery.environment``) and can be imported before
+Django's settings are configured: the parsers below need nothing from Django.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
@@ -58,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     # in a row fails with that error instead of being retried for ever.
     "UNEXPECTED_ERROR_LIMIT": 5,
     "ENQUEUE_TASKS": True,
+    # A cluster of the host's Q_CLUSTER["ALT_CLUSTERS"] for our tasks and the sweep; empty:
+    # the host's own cluster.
+    "Q_CLUSTER": "",
 }
 
 DURATION_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, timedelta))
@@ -73,32 +81,44 @@ _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
 
 
+class BadValue(ValueError):
+    """A value that cannot be used: ``str()`` is ``'ten' is not a whole number``."""
+
+    def __init__(self, value: Any, reason: str) -> None:
+        super().__init__(f"{value!r} {reason}")
+        self.value = value
+        self.reason = reason
+
+
 def parse_duration(value: Any) -> timedelta:
     """A ``timedelta``, a number of seconds, or Mailman's ``5d`` / ``15m`` / ``30s``."""
-    if isinstance(value, timedelta):
-        result = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = timedelta(seconds=value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        amount, unit = match.groups()
-        result = timedelta(**{_UNITS[unit.lower()]: float(amount)})
-    else:
-        raise ValueError(
-            f"{value!r} is not a duration: use a timedelta, seconds, or a form like 5d, 15m, 30s"
-        )
+    try:
+        if isinstance(value, timedelta):
+            result = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = timedelta(seconds=value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            amount, unit = match.groups()
+            result = timedelta(**{_UNITS[unit.lower()]: float(amount)})
+        else:
+            raise BadValue(
+                value, "is not a duration: use a timedelta, seconds, or a form like 5d, 15m, 30s"
+            )
+    except (OverflowError, ValueError) as error:  # 1e20 seconds, nan
+        if isinstance(error, BadValue):
+            raise
+        raise BadValue(value, "is too long a duration") from None
     if result < timedelta(0):
-        raise ValueError("a duration cannot be negative")
+        raise BadValue(value, "is a negative duration")
     return result
 
 
 def _parse_integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a whole number")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         return int(value)
-    raise ValueError(f"{value!r} is not a whole number")
+    raise BadValue(value, "is not a whole number")
 
 
 def _parse_boolean(value: Any) -> bool:
@@ -106,10 +126,11 @@ def _parse_boolean(value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{value!r} is not yes or no")
+    raise BadValue(value, "is not yes or no")
 
 
 def normalize(key: str, value: Any) -> Any:
+    """``value`` converted to the type of ``key``'s default; :class:`BadValue` if it cannot be."""
     if key in DURATION_KEYS:
         return parse_duration(value)
     if key in INTEGER_KEYS:
@@ -117,13 +138,21 @@ def normalize(key: str, value: Any) -> Any:
     if key in BOOLEAN_KEYS:
         return _parse_boolean(value)
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not text")
+        raise BadValue(value, "is not text")
     return value
 
 
 def user_settings() -> dict[str, Any]:
     """The site's own ``LISTDELIVERY`` dict, as written."""
-    return dict(getattr(settings, "LISTDELIVERY", None) or {})
+    return dict(_written())
+
+
+def _written() -> Any:
+    written = getattr(settings, "LISTDELIVERY", None)
+    return _NOTHING_WRITTEN if written is None else written
+
+
+_NOTHING_WRITTEN: dict[str, Any] = {}
 
 
 def problems() -> list[tuple[str, str]]:
@@ -140,22 +169,36 @@ def problems() -> list[tuple[str, str]]:
 
 
 def _describe(key: str, error: ValueError) -> str:
-    if key in SECRET_KEYS:
-        return "is not text"
+    if key in SECRET_KEYS:  # never the value of a secret
+        return getattr(error, "reason", "cannot be used")
     return str(error)
 
 
-@lru_cache(maxsize=1)
+# (the LISTDELIVERY object read, a copy of its contents then, the converted config)
+_cache: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+
+
 def get_config() -> dict[str, Any]:
-    """Every setting, defaults merged with the site's values and converted to their types."""
+    """Every setting, defaults merged with the site's values and converted to their types.
+
+    Cached while ``settings.LISTDELIVERY`` is the same dict with the same contents: a test
+    that assigns a new dict, or changes one key of it, is never served stale values. The
+    check is an identity test and one comparison of a small dict.
+    """
+    global _cache
+    written = _written()
+    cached = _cache
+    if cached is not None and cached[0] is written and cached[1] == written:
+        return cached[2]
     config = dict(DEFAULTS)
-    for key, value in user_settings().items():
+    for key, value in written.items():
         if key not in DEFAULTS:
             continue
         try:
             config[key] = normalize(key, value)
         except ValueError as error:
             raise ImproperlyConfigured(f"LISTDELIVERY[{key!r}] {_describe(key, error)}") from None
+    _cache = (written, dict(written), config)
     return config
 
 
@@ -165,5 +208,6 @@ def get(key: str) -> Any:
 
 @receiver(setting_changed)
 def _reset_cache(*, setting: str, **kwargs: Any) -> None:
+    global _cache
     if setting == "LISTDELIVERY":
-        get_config.cache_clear()
+        _cache = None

@@ -59,7 +59,7 @@ class SettingRow:
 def setting_rows() -> list[SettingRow]:
     """Every setting with its effective value, shown for people, and where it came from."""
     written = conf.user_settings()
-    from_environment = set(getattr(settings, "LISTDELIVERY_FROM_ENVIRONMENT", []))
+    from_environment = keys_from_environment()
     rows = []
     for key, default in conf.DEFAULTS.items():
         if key in from_environment:
@@ -81,6 +81,16 @@ def setting_rows() -> list[SettingRow]:
             shown = display_value(value)
         rows.append(SettingRow(key, shown, str(source), problem))
     return rows
+
+
+def keys_from_environment() -> set[str]:
+    """Keys whose value came from an environment variable.
+
+    ``listdelivery_from_environment()`` marks them on the dict it returns; a site that reads
+    its environment itself may list them in ``LISTDELIVERY_FROM_ENVIRONMENT``.
+    """
+    marked = getattr(getattr(settings, "LISTDELIVERY", None), "from_environment", ())
+    return set(marked) | set(getattr(settings, "LISTDELIVERY_FROM_ENVIRONMENT", ()))
 
 
 def display_value(value: Any) -> str:

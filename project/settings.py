@@ -1,16 +1,16 @@
 """Settings of the listdelivery demo site, every value from the environment.
 
-django-environ reads ``DATABASE_URL``, ``SECRET_KEY``, ``DEBUG`` and one
-``LISTDELIVERY_<KEY>`` variable per listdelivery setting. Values that need
-conversion (numbers, durations such as ``5d``) are passed on as text:
-listdelivery converts them and reports a bad one as a system-check error.
+django-environ reads ``DATABASE_URL``, ``SECRET_KEY``, ``DEBUG``, the cluster's
+``Q_*`` variables, and, through listdelivery's own helper (the one a host site
+uses too), one ``LISTDELIVERY_<KEY>`` variable per listdelivery setting,
+converted to its type: a bad value stops start-up with an error naming it.
 """
 
 from pathlib import Path
 
 import environ
 
-from listdelivery.conf import BOOLEAN_KEYS, DEFAULTS
+from listdelivery.environment import listdelivery_from_environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -86,23 +86,24 @@ FIXTURE_DIRS = [BASE_DIR / "fixtures"]
 # needs the same SECRET_KEY (tasks are signed with it) and Q_CLUSTER_NAME.
 Q_BROKER = env.str("Q_BROKER", default="orm")
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# listdelivery asks nothing of Q_CLUSTER (its tasks carry their own timeout and
+# ack_failure); these are the values any site might choose for its own tasks.
+# The name is fixed: it salts the signature of every task. Q_CLUSTER_NAME is
+# django-q2's own variable, read by django-q2 itself: the queue a process uses,
+# this name by default, or another name, such as one of ALT_CLUSTERS.
 Q_CLUSTER = {
-    "name": env.str("Q_CLUSTER_NAME", default="listdelivery"),
+    "name": "listdelivery",
     "workers": env.int("Q_WORKERS", default=2),
-    # One task is one runner pass over everything due. The runner renews its
-    # lease on a post after every batch, so a task stopped by the timeout
-    # repeats at most one batch; ten minutes is ample for a pass.
     "timeout": env.int("Q_TIMEOUT", default=600),
     # Longer than the timeout, or a broker hands a still-running task out again.
     "retry": env.int("Q_RETRY", default=900),
-    # The row, not the task, carries retries: a failed task is recorded and
-    # acknowledged, never re-run, and the row's own schedule takes over.
-    "max_attempts": 1,
-    "ack_failures": True,
     # After downtime the sweep runs once, not once per missed minute.
     "catch_up": False,
     "save_limit": 1000,
     "label": "Delivery tasks",
+    # A cluster of its own for listdelivery's tasks, when LISTDELIVERY_Q_CLUSTER=deliveries:
+    # run it with Q_CLUSTER_NAME=deliveries python manage.py qcluster.
+    "ALT_CLUSTERS": {"deliveries": {}},
 }
 if Q_BROKER == "redis":
     Q_CLUSTER["redis"] = REDIS_URL
@@ -130,13 +131,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-LISTDELIVERY = {}
-for _key in DEFAULTS:
-    _variable = f"LISTDELIVERY_{_key}"
-    if _variable in env:
-        LISTDELIVERY[_key] = env.bool(_variable) if _key in BOOLEAN_KEYS else env.str(_variable)
-# The dashboard says which values came from the environment.
-LISTDELIVERY_FROM_ENVIRONMENT = sorted(LISTDELIVERY)
+# Every LISTDELIVERY_<KEY> variable, converted; the dashboard says which values came from it.
+LISTDELIVERY = listdelivery_from_environment(env=env)
 
 LOGGING = {
     "version": 1,
