@@ -11,6 +11,6 @@ class ListDeliveryConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         from . import checks  # noqa: F401  (registers the system checks)
-        from .tasks import ensure_sweep_schedule
+        from .tasks import create_sweep_schedule_once
 
-        post_migrate.connect(ensure_sweep_schedule, sender=self)
+        post_migrate.connect(create_sweep_schedule_once, sender=self)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from email import message_from_string
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,12 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from django_q.brokers import get_broker
-from django_q.models import Schedule, Success
+from django_q.models import Schedule, Success, Task
 
 from listdelivery.models import OutgoingMessage
 from listdelivery.tasks import SWEEP_SCHEDULE
 
-from .conftest import queue_post, subprocess_environment
+from .conftest import FIRST_POST, queue_post, subprocess_environment
 from .test_concurrency import make_list, post
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,80 @@ def test_the_sweep_schedule_delivers_a_retry_when_its_time_comes(smtpd, mlist, f
     assert smtpd.recipients_count()["cperson@example.com"] == 1
     row.refresh_from_db()
     assert row.status == OutgoingMessage.Status.DELIVERED
+
+
+def test_the_sweep_delivers_without_filling_the_task_history(settings, smtpd, mlist, first_post):
+    """One stored success a minute would push the site's own tasks out of save_limit."""
+    from django_q.scheduler import scheduler
+
+    settings.LISTDELIVERY = {"ENQUEUE_TASKS": False}
+    swept = queue_post(mlist, first_post)  # no task: only the sweep can deliver it
+    Schedule.objects.filter(name=SWEEP_SCHEDULE).update(
+        next_run=timezone.now() - timezone.timedelta(minutes=1)
+    )
+    scheduler(broker=get_broker())  # what the cluster's scheduler does every 30 seconds
+    sweep_task = Schedule.objects.get(name=SWEEP_SCHEDULE).task
+    cluster = start_cluster(cluster_environment(smtpd))
+    try:
+        assert smtpd.wait_for(1, timeout=30), "the sweep did not deliver the post"
+        settings.LISTDELIVERY = {}
+        queued = queue_post(mlist, message_from_string(FIRST_POST.replace("<first>", "<second>")))
+        task_name = f"deliver post {queued.pk}"
+        assert wait_until(lambda: Success.objects.filter(name=task_name).exists(), 30)
+    finally:
+        stop_cluster(cluster)
+
+    swept.refresh_from_db()
+    assert swept.status == OutgoingMessage.Status.DELIVERED
+    assert sweep_task and not Task.objects.filter(id=sweep_task).exists()
+    assert list(Task.objects.values_list("name", flat=True)) == [task_name]
+
+
+def test_a_cluster_of_our_own_delivers_our_posts(settings, smtpd, mlist, first_post):
+    settings.LISTDELIVERY = {"Q_CLUSTER": "deliveries"}
+    get_broker("deliveries").purge_queue()
+    environment = cluster_environment(smtpd, Q_CLUSTER="deliveries")
+    environment["Q_CLUSTER_NAME"] = "deliveries"
+    cluster = start_cluster(environment)
+    try:
+        row = queue_post(mlist, first_post)
+        task_name = f"deliver post {row.pk}"
+        assert wait_until(lambda: Success.objects.filter(name=task_name).exists(), 30)
+    finally:
+        stop_cluster(cluster)
+
+    assert Success.objects.get(name=task_name).cluster == "deliveries"
+    assert smtpd.recipients_count() == {
+        "aperson@example.com": 1,
+        "bperson@example.com": 1,
+        "cperson@example.com": 1,
+    }
+
+
+def test_a_pass_longer_than_the_sites_task_timeout_runs_to_its_end(smtpd, mlist, first_post):
+    """Under ``timeout 2, retry 4`` a 7-second pass is not stopped, and nothing is sent twice.
+
+    At 4 seconds the broker hands the task out again to the second worker: that copy
+    finds the post leased and delivers nothing.
+    """
+    smtpd.delay = 2.5  # per transaction, one recipient each: 7.5 seconds for the post
+    environment = cluster_environment(smtpd, MAX_RECIPIENTS=1)
+    environment.update(Q_TIMEOUT="2", Q_RETRY="4")
+    cluster = start_cluster(environment)
+    try:
+        row = queue_post(mlist, first_post)
+        delivered = lambda: OutgoingMessage.objects.get(pk=row.pk).status == "delivered"  # noqa: E731
+        assert wait_until(delivered, 40), "the post was not delivered"
+    finally:
+        stop_cluster(cluster)
+
+    task = Task.objects.get(name=f"deliver post {row.pk}")
+    assert task.success, task.result  # not "Task exceeded maximum timeout value (2 seconds)"
+    assert smtpd.recipients_count() == {
+        "aperson@example.com": 1,
+        "bperson@example.com": 1,
+        "cperson@example.com": 1,
+    }
 
 
 @pytest.mark.skipif(

@@ -158,16 +158,45 @@ def test_the_demo_cluster_configuration_passes():
     assert cluster_ids(**settings.Q_CLUSTER) == []
 
 
-def test_a_retry_not_longer_than_the_timeout_is_an_error():
-    assert "listdelivery.E008" in cluster_ids(timeout=600, retry=600, max_attempts=1)
-    assert "listdelivery.E008" in cluster_ids(retry=600, max_attempts=1)
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        {"name": "site", "timeout": 60, "retry": 120, "orm": "default"},  # the issue's host
+        {"name": "site", "orm": "default"},  # django-q2's defaults: no timeout, retry 60
+        {"name": "site", "timeout": 600, "retry": 600, "max_attempts": 0, "ack_failures": False},
+        {"name": "site", "sync": True, "save_limit": -1},
+    ],
+)
+def test_the_hosts_own_cluster_configuration_is_none_of_our_business(cluster):
+    """The host keeps its Q_CLUSTER: our tasks carry their own ack_failure and timeout."""
+    assert cluster_ids(**cluster) == []
 
 
-def test_a_task_retried_forever_is_an_error():
-    assert "listdelivery.E009" in cluster_ids(timeout=60, retry=120)
-    assert "listdelivery.E009" not in cluster_ids(
-        timeout=60, retry=120, max_attempts=0, ack_failures=True
-    )
+def test_a_cluster_of_our_own_must_be_one_the_host_defines():
+    with override_settings(LISTDELIVERY={"Q_CLUSTER": "deliveries"}):
+        assert cluster_ids(name="site", orm="default") == ["listdelivery.E012"]
+        assert cluster_ids(name="site", ALT_CLUSTERS={"other": {}}) == ["listdelivery.E012"]
+        assert cluster_ids(name="site", ALT_CLUSTERS={"deliveries": {}}) == []
+        assert cluster_ids(name="deliveries") == []
+    from listdelivery.checks import check_cluster
+
+    with override_settings(LISTDELIVERY={"Q_CLUSTER": "deliveries"}, Q_CLUSTER={"name": "site"}):
+        (error,) = check_cluster()
+    assert "Q_CLUSTER['ALT_CLUSTERS'] = {'deliveries': {" in error.hint
+    assert "Q_CLUSTER_NAME=deliveries python manage.py qcluster" in error.hint
+
+
+def test_django_q_listed_before_listdelivery_loses_the_masked_qinfo():
+    from django.conf import settings
+
+    from listdelivery.checks import check_cluster
+
+    reordered = [a for a in settings.INSTALLED_APPS if a != "django_q"]
+    reordered.insert(reordered.index("listdelivery"), "django_q")
+    with override_settings(INSTALLED_APPS=reordered):
+        (warning,) = check_cluster()
+    assert warning.id == "listdelivery.W007"
+    assert "Move 'listdelivery' above 'django_q'" in warning.hint
 
 
 def test_without_django_q_the_checks_warn_that_only_deliver_pending_delivers():
@@ -261,3 +290,284 @@ def test_an_ehlo_name_that_cannot_be_sent_is_an_error(name):
 @pytest.mark.parametrize("name", ["", "lists.example.org", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
 def test_a_host_name_or_address_literal_is_a_good_ehlo_name(name):
     assert "listdelivery.E011" not in ids(SMTP_EHLO_NAME=name)
+
+
+# -- the host's own settings ------------------------------------------------------------
+
+urlpatterns: list = []  # a site that does not include listdelivery.urls (ROOT_URLCONF below)
+
+
+def site_ids(**overrides) -> list[str]:
+    from listdelivery.checks import check_site
+
+    with override_settings(**overrides):
+        return [message.id for message in check_site()]
+
+
+def test_the_demo_site_passes_the_site_checks():
+    assert site_ids() == []
+
+
+def test_use_tz_false_is_an_error_that_says_it_is_required():
+    from listdelivery.checks import check_site
+
+    with override_settings(USE_TZ=False):
+        (error,) = check_site()
+    assert error.id == "listdelivery.E013"
+    assert "requires USE_TZ = True" in error.msg
+
+
+def test_one_click_links_without_the_urls_included_would_404():
+    from listdelivery.checks import check_site
+
+    listdelivery = {"UNSUBSCRIBE_BASE_URL": "https://lists.example.com"}
+    with override_settings(LISTDELIVERY=listdelivery, ROOT_URLCONF="tests.test_settings"):
+        (warning,) = check_site()
+    assert warning.id == "listdelivery.W008"
+    assert 'include("listdelivery.urls")' in warning.hint
+    assert site_ids(LISTDELIVERY=listdelivery) == []  # the demo site includes them
+    assert site_ids(ROOT_URLCONF="tests.test_settings") == []  # no links, nothing to serve
+
+
+SQLITE = "django.db.backends.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("options", "missing"),
+    [
+        ({}, "without IMMEDIATE transactions and a lock timeout of 20 seconds or more"),
+        ({"timeout": 30}, "without IMMEDIATE transactions:"),
+        ({"transaction_mode": "IMMEDIATE"}, "without a lock timeout of 20 seconds or more"),
+        ({"transaction_mode": "IMMEDIATE", "timeout": 5}, "without a lock timeout"),
+    ],
+)
+def test_sqlite_shared_with_a_cluster_needs_immediate_transactions_and_a_lock_timeout(
+    options, missing
+):
+    from listdelivery.checks import sqlite_problems
+
+    (warning,) = sqlite_problems({"default": {"ENGINE": SQLITE, "NAME": "x", "OPTIONS": options}})
+    assert warning.id == "listdelivery.W009"
+    assert missing in warning.msg
+    assert "'transaction_mode': 'IMMEDIATE'" in warning.hint
+    assert "'timeout': 30" in warning.hint or "'timeout': 30" in repr(options)
+    assert "PRAGMA journal_mode=WAL" in warning.hint
+
+
+def test_the_sqlite_hint_keeps_the_sites_own_options():
+    from listdelivery.checks import sqlite_problems
+
+    options = {"timeout": 60, "init_command": "PRAGMA foreign_keys=ON;"}
+    (warning,) = sqlite_problems({"default": {"ENGINE": SQLITE, "OPTIONS": options}})
+    assert warning.hint.startswith(
+        "Set DATABASES['default']['OPTIONS'] = {'timeout': 60, "
+        "'init_command': 'PRAGMA foreign_keys=ON;', 'transaction_mode': 'IMMEDIATE'}"
+    )
+
+
+def test_good_sqlite_options_other_databases_and_no_cluster_pass():
+    from django.conf import settings
+
+    from listdelivery.checks import sqlite_problems
+
+    good = {"transaction_mode": "IMMEDIATE", "timeout": 20}
+    assert sqlite_problems({"default": {"ENGINE": SQLITE, "OPTIONS": good}}) == []
+    assert sqlite_problems({"default": {"ENGINE": "django.db.backends.postgresql"}}) == []
+    apps_without_q = [a for a in settings.INSTALLED_APPS if a != "django_q"]
+    with override_settings(INSTALLED_APPS=apps_without_q):
+        assert sqlite_problems({"default": {"ENGINE": SQLITE}}) == []
+
+
+# -- the config cache ---------------------------------------------------------------------
+
+
+def test_a_plain_assignment_to_settings_is_read_at_once():
+    """``settings.LISTDELIVERY = {...}`` sends no setting_changed; the cache notices anyway."""
+    from django.conf import settings
+
+    saved = settings.LISTDELIVERY
+    try:
+        settings.LISTDELIVERY = {"MAX_RECIPIENTS": 3}
+        assert conf.get("MAX_RECIPIENTS") == 3
+        settings.LISTDELIVERY = {"MAX_RECIPIENTS": 7}
+        assert conf.get("MAX_RECIPIENTS") == 7
+        settings.LISTDELIVERY["MAX_RECIPIENTS"] = 9  # changed in place
+        assert conf.get("MAX_RECIPIENTS") == 9
+        del settings.LISTDELIVERY["MAX_RECIPIENTS"]
+        assert conf.get("MAX_RECIPIENTS") == 10
+    finally:
+        settings.LISTDELIVERY = saved
+
+
+def test_the_config_is_converted_once_while_the_settings_stay_the_same():
+    with override_settings(LISTDELIVERY={"DELIVERY_RETRY_PERIOD": "2d"}):
+        first = conf.get_config()
+        assert conf.get_config() is first
+    assert conf.get_config() is not first
+
+
+def test_a_test_that_assigns_settings_delivers_to_the_server_it_names(smtpd, mlist, first_post):
+    from django.conf import settings
+
+    from .conftest import queue_post, run
+
+    saved = settings.LISTDELIVERY
+    try:
+        settings.LISTDELIVERY = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": 9, "ENQUEUE_TASKS": False}
+        conf.get_config()  # cached with the wrong port
+        settings.LISTDELIVERY = {
+            "SMTP_HOST": smtpd.host,
+            "SMTP_PORT": smtpd.port,
+            "ENQUEUE_TASKS": False,
+        }
+        queue_post(mlist, first_post)
+        assert run().delivered == 1
+    finally:
+        settings.LISTDELIVERY = saved
+    assert smtpd.messages[0].rcpt_tos == [
+        "aperson@example.com",
+        "bperson@example.com",
+        "cperson@example.com",
+    ]
+
+
+# -- our tasks under the host's django-q2 -------------------------------------------------
+
+
+def queued_tasks(cluster: str | None = None) -> list[dict]:
+    """The task packages waiting in the (real) broker of ``cluster``, taken out of it."""
+    from django_q.brokers import get_broker
+    from django_q.signing import SignedPackage
+
+    broker = get_broker(cluster)
+    found = []
+    while True:
+        tasks = broker.dequeue()
+        if not tasks:
+            return found
+        for ack_id, payload in tasks:
+            found.append(SignedPackage.loads(payload))
+            broker.acknowledge(ack_id)
+
+
+@pytest.mark.django_db
+def test_a_delivery_task_is_acknowledged_even_if_it_fails_and_may_run_half_an_hour(
+    mlist, first_post, django_capture_on_commit_callbacks
+):
+    """Whatever the host's max_attempts, ack_failures and timeout: the rows retry, not the broker."""
+    from django_q.brokers import get_broker
+
+    from .conftest import queue_post
+
+    get_broker().purge_queue()
+    with django_capture_on_commit_callbacks(execute=True):
+        row = queue_post(mlist, first_post)
+
+    (task,) = queued_tasks()
+    assert task["func"] == "listdelivery.tasks.deliver_due"
+    assert task["name"] == f"deliver post {row.pk}"
+    assert (task["ack_failure"], task["timeout"], task["cluster"]) == (True, 30 * 60, None)
+    assert "save" not in task  # each post's task is kept in the history, with its summary
+
+
+@pytest.mark.django_db
+def test_a_cluster_of_our_own_gets_our_tasks(
+    settings, mlist, first_post, django_capture_on_commit_callbacks
+):
+    from django_q.brokers import get_broker
+
+    from .conftest import queue_post
+
+    settings.LISTDELIVERY = {"Q_CLUSTER": "deliveries"}
+    get_broker().purge_queue()
+    get_broker("deliveries").purge_queue()
+    with django_capture_on_commit_callbacks(execute=True):
+        queue_post(mlist, first_post)
+
+    assert queued_tasks() == []
+    (task,) = queued_tasks("deliveries")
+    assert task["cluster"] == "deliveries"
+
+
+# -- the sweep schedule -------------------------------------------------------------------
+
+
+def sweep_schedules():
+    from django_q.models import Schedule
+
+    from listdelivery.tasks import TASK
+
+    return Schedule.objects.filter(func=TASK)
+
+
+def schedule_ids() -> list[str]:
+    from listdelivery.checks import check_sweep_schedule
+
+    return [message.id for message in check_sweep_schedule(databases=["default"])]
+
+
+@pytest.mark.django_db
+def test_migrate_created_one_sweep_that_stores_no_success():
+    (sweep,) = sweep_schedules()
+    assert sweep.name == "listdelivery: deliver due posts"
+    assert (sweep.schedule_type, sweep.minutes, sweep.repeats) == ("I", 1, -1)
+    assert "'save': False" in sweep.kwargs and "'ack_failure': True" in sweep.kwargs
+    assert schedule_ids() == []
+
+
+@pytest.mark.django_db
+def test_a_deleted_sweep_is_not_recreated_by_migrate_and_a_check_says_so():
+    from django.core.management import call_command
+
+    sweep_schedules().delete()
+    call_command("migrate", verbosity=0)
+    assert not sweep_schedules().exists()
+    assert schedule_ids() == ["listdelivery.W005"]
+
+    call_command("sweep_schedule", verbosity=0)
+    assert sweep_schedules().count() == 1
+    assert schedule_ids() == []
+
+
+@pytest.mark.django_db
+def test_a_renamed_sweep_is_kept_as_the_administrator_left_it():
+    from django.core.management import call_command
+
+    sweep_schedules().update(name="every minute, please")
+    call_command("migrate", verbosity=0)
+    call_command("sweep_schedule", verbosity=0)
+    assert list(sweep_schedules().values_list("name", flat=True)) == ["every minute, please"]
+
+
+@pytest.mark.django_db
+def test_the_sweep_is_created_by_the_migrate_that_creates_the_tables():
+    from django.db.migrations.loader import MigrationLoader
+
+    from listdelivery.tasks import create_sweep_schedule_once
+
+    graph = MigrationLoader(None, ignore_no_migrations=True).graph
+    sweep_schedules().delete()
+    later = graph.nodes[("listdelivery", "0005_hostile_world")]
+    create_sweep_schedule_once(plan=[(later, False)])
+    assert not sweep_schedules().exists()
+    for first in (("listdelivery", "0001_initial"), ("django_q", "0001_initial")):
+        sweep_schedules().delete()
+        create_sweep_schedule_once(plan=[(later, False), (graph.nodes[first], False)])
+        assert sweep_schedules().count() == 1
+
+
+@pytest.mark.django_db
+def test_a_sweep_that_stores_every_success_is_pointed_out(settings):
+    sweep_schedules().update(kwargs="")
+    assert schedule_ids() == ["listdelivery.W006"]
+    sweep_schedules().update(kwargs="q_options={'save': False}")  # django-q2's other syntax
+    assert schedule_ids() == []
+    sweep_schedules().update(kwargs="")
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "save_limit": -1}  # the site keeps no successes
+    assert schedule_ids() == []
+
+
+def test_without_a_database_the_schedule_check_stays_quiet():
+    from listdelivery.checks import check_sweep_schedule
+
+    assert check_sweep_schedule(databases=None) == []
