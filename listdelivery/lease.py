@@ -15,10 +15,10 @@ Invariants:
    without sending another transaction (:class:`LeaseLost`). The one write
    that is not fenced is the record of recipients a server accepted: that is a
    fact whoever holds the post.
-4. Every post of a claim but the first is started with a fenced renewal, so a
-   post discarded or taken over while it waited behind the others of its claim
-   is never started. (The first starts within milliseconds of the claim, which
-   was its check.)
+4. Every post of a claim but the first is checked again when it starts (a
+   fenced read, or a fenced renewal when half its lease has gone by), so a post
+   discarded or taken over while it waited behind the others is never started.
+   The first starts a moment after the claim, which was its check.
 5. While a runner works on a post, a heartbeat thread renews the lease every
    third of ``LEASE_DURATION``, however slow the server. When a renewal finds
    the lease gone, or renewals fail for so long that the lease may have run
@@ -94,32 +94,42 @@ def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:
     return queryset.update(**UNLEASED, **fields)
 
 
+class Claim:
+    """The posts one claim leased to this runner, started one after the other."""
+
+    def __init__(self, token: str, rows: list[OutgoingMessage], duration: timedelta) -> None:
+        self.token = token
+        self.leases = [Lease(row, token, duration) for row in rows]
+        self.duration = duration
+
+    def start(self, index: int) -> Lease:
+        """The lease of the ``index``-th post, checked (invariant 4); :class:`LeaseLost` if gone."""
+        lease = self.leases[index]
+        if index > 0:
+            if time.monotonic() - lease.renewed_at > self.duration.total_seconds() / 2:
+                lease.renew()
+            elif not lease.fenced().exists():
+                lease.lost.set()
+        if lease.lost.is_set():
+            raise LeaseLost(lease.row.pk)
+        return lease
+
+
 class Lease:
     """One post held by this runner under ``token``."""
 
-    def __init__(
-        self, row: OutgoingMessage, token: str, duration: timedelta, *, first: bool = False
-    ) -> None:
+    def __init__(self, row: OutgoingMessage, token: str, duration: timedelta) -> None:
         self.row = row
         self.token = token
         self.duration = duration
-        self.first = first  # the first post of its claim: the claim itself was its check
         self.lost = threading.Event()
-        self.claimed_at = time.monotonic()
-        self.renewed_at = self.claimed_at
+        self.renewed_at = time.monotonic()
 
     def fenced(self) -> QuerySet[OutgoingMessage]:
         """The row, if and only if we still hold it (invariant 3)."""
         return OutgoingMessage.objects.filter(
             pk=self.row.pk, lease_token=self.token, status__in=OutgoingMessage.WAITING
         )
-
-    def start(self) -> None:
-        """Before the first transaction: make sure a post that waited in its claim is still ours."""
-        if not self.first:
-            self.renew()
-        if self.lost.is_set():
-            raise LeaseLost(self.row.pk)
 
     def renew(self, **fields: Any) -> None:
         """Extend the lease, writing ``fields`` in the same fenced UPDATE; :class:`LeaseLost` if gone."""

@@ -40,7 +40,7 @@ from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
 from .delivery import BaseDelivery, Post, Recipient
-from .lease import Heartbeat, Lease, LeaseLost, claim
+from .lease import Claim, Heartbeat, Lease, LeaseLost, claim
 from .models import BounceEvent, MailingList, Member, OutgoingMessage, OutgoingRecipient
 from .rules import PostFailure, Verdicts, judge, storable_code, storable_text
 from .smtp import SMTPPool
@@ -145,19 +145,14 @@ class OutgoingRunner:
                 if not rows:
                     break
                 known = self._prefetch_recipients(rows)
-                leases = [
-                    Lease(row, token, config["LEASE_DURATION"], first=index == 0)
-                    for index, row in enumerate(rows)
-                ]
-                for lease in leases:
+                posts = Claim(token, rows, config["LEASE_DURATION"])
+                for index, row in enumerate(rows):
                     summary.posts += 1
-                    heartbeat.watch(lease)
-                    try:
-                        self._process_safely(lease, modules, summary, known.get(lease.row.pk))
-                    finally:
-                        heartbeat.watch(None)
+                    self._process_safely(
+                        posts, index, heartbeat, modules, summary, known.get(row.pk)
+                    )
                     if self.on_post:
-                        self.on_post(lease.row, summary)
+                        self.on_post(row, summary)
         if summary.bounced:
             score_bounces()
         summary.seconds = time.monotonic() - began
@@ -167,13 +162,17 @@ class OutgoingRunner:
 
     def _process_safely(
         self,
-        lease: Lease,
+        posts: Claim,
+        index: int,
+        heartbeat: Heartbeat,
         modules: dict[str, BaseDelivery],
         summary: RunSummary,
         known: Prefetched | None = None,
     ) -> None:
+        lease = posts.leases[index]
         try:
-            lease.start()
+            posts.start(index)
+            heartbeat.watch(lease)
             self._process(lease, modules, summary, known)
         except LeaseLost:
             logger.warning(
@@ -183,6 +182,8 @@ class OutgoingRunner:
             )
         except Exception as error:
             self._after_unexpected_error(lease, summary, error)
+        finally:
+            heartbeat.watch(None)
 
     def _after_unexpected_error(self, lease: Lease, summary: RunSummary, error: Exception) -> None:
         """Retry a post that met an error of our own, but not for ever.
