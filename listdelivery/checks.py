@@ -17,6 +17,7 @@ Ids are stable and documented in the README:
 - ``listdelivery.E012`` ``LISTDELIVERY['Q_CLUSTER']`` names a cluster that
   ``Q_CLUSTER['ALT_CLUSTERS']`` does not define.
 - ``listdelivery.E013`` ``USE_TZ`` is False: listdelivery needs aware datetimes.
+- ``listdelivery.E014`` a database is MySQL, MariaDB or Oracle, which listdelivery does not support.
 - ``listdelivery.W001`` an unknown key in ``LISTDELIVERY`` (a typo is otherwise silent).
 - ``listdelivery.W002`` ``LEASE_DURATION`` is not longer than ``SMTP_TIMEOUT``.
 - ``listdelivery.W003`` only one of ``SMTP_USER`` and ``SMTP_PASSWORD`` is set.
@@ -268,6 +269,24 @@ def check_site(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessa
     if problem:
         found.append(problem)
     found += sqlite_problems(settings.DATABASES)
+    found += unsupported_databases(settings.DATABASES)
+    return found
+
+
+def unsupported_databases(databases: dict[str, Any]) -> list[checks.CheckMessage]:
+    """MySQL cannot index the queue's 998-character Message-ID; Oracle is untested."""
+    found = []
+    for alias, database in databases.items():
+        engine = str(database.get("ENGINE", ""))
+        if any(name in engine for name in ("mysql", "oracle")):
+            found.append(
+                checks.Error(
+                    f"The database {alias!r} ({engine}) is not one listdelivery supports.",
+                    hint="Use PostgreSQL or SQLite: listdelivery's tables index a "
+                    "998-character Message-ID column, which MySQL and MariaDB cannot index.",
+                    id="listdelivery.E014",
+                )
+            )
     return found
 
 

@@ -571,3 +571,19 @@ def test_without_a_database_the_schedule_check_stays_quiet():
     from listdelivery.checks import check_sweep_schedule
 
     assert check_sweep_schedule(databases=None) == []
+
+
+@pytest.mark.parametrize(
+    ("engine", "refused"),
+    [
+        ("django.db.backends.mysql", True),
+        ("django.db.backends.oracle", True),
+        ("django.db.backends.postgresql", False),
+        ("django.db.backends.sqlite3", False),
+    ],
+)
+def test_a_database_listdelivery_cannot_use_is_an_error_before_migrate_fails(engine, refused):
+    from listdelivery.checks import unsupported_databases
+
+    found = unsupported_databases({"default": {"ENGINE": engine, "NAME": "lists"}})
+    assert (["listdelivery.E014"] if refused else []) == [message.id for message in found]
