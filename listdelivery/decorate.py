@@ -39,7 +39,7 @@ from string import Template
 from django.utils.encoding import iri_to_uri
 
 from .tokens import make_token
-from .wire import MAX_LINE, crlf, encoded_words, ready, wire_safe
+from .wire import MAX_LINE, crlf, encoded_words, header_fields, ready, wire_safe
 
 MEMBER_NAMES = (
     "member",
@@ -198,17 +198,6 @@ def split(message: bytes) -> tuple[bytes, list[bytes], bytes]:
 
 def join(eol: bytes, lines: Iterable[bytes], body: bytes) -> bytes:
     return b"".join(lines) + eol + body
-
-
-def header_fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
-    """Group header lines into fields with their continuation lines: ``[(lowercased name, lines)]``."""
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        else:
-            fields.append((line.split(b":", 1)[0].strip().lower().decode("latin-1"), [line]))
-    return fields
 
 
 def field_line(name: str, value: str, eol: bytes = CRLF) -> bytes:

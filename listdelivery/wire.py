@@ -132,7 +132,7 @@ def _safe_entity(entity: bytes, eight_bit_ok: bool, depth: int) -> bytes:
     if depth > MAX_DEPTH:
         return _crude(entity, eight_bit_ok)
     lines, separated, body = _split_entity(entity)
-    fields = _fields(lines)
+    fields = header_fields(lines)
     headers = BytesHeaderParser().parsebytes(b"".join(lines) + b"\r\n")
     content_type = headers.get_content_type()
     cte = str(headers.get("content-transfer-encoding", "")).strip().lower()
@@ -170,7 +170,8 @@ def _split_entity(entity: bytes) -> tuple[list[bytes], bool, bytes]:
     return lines, False, entity[position:]
 
 
-def _fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
+def header_fields(lines: list[bytes]) -> list[tuple[str, list[bytes]]]:
+    """Group header lines into fields with their continuation lines: ``[(lowercased name, lines)]``."""
     fields: list[tuple[str, list[bytes]]] = []
     for line in lines:
         if line[:1] in (b" ", b"\t") and fields:

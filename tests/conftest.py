@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from email import message_from_string
 from email.message import Message
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
-from listdelivery.models import MailingList
+from listdelivery.models import MailingList, OutgoingMessage
 from listdelivery.pipeline import member_recipients, to_outgoing
 from listdelivery.runner import OutgoingRunner, RunSummary
 from listdelivery.testing import SMTPTestServer
@@ -70,6 +74,31 @@ def run() -> RunSummary:
 def envelopes(smtpd) -> list[tuple[str, str]]:
     """What the seed's ``show_headers`` prints: recipients and envelope sender, sorted."""
     return sorted((", ".join(m.rcpt_tos), m.mail_from) for m in smtpd.messages)
+
+
+THREE = ["aperson@example.com", "bperson@example.com", "cperson@example.com"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_due(row: OutgoingMessage) -> None:
+    """As if the post's retry time had come."""
+    OutgoingMessage.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
+
+
+def statuses(row: OutgoingMessage) -> dict[str, str]:
+    """Each recipient's status: ``{address: status}``."""
+    return dict(row.recipients.values_list("address", "status"))
+
+
+def deliver_pending(environment: dict[str, str]) -> subprocess.Popen:
+    """``manage.py deliver_pending`` as a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "deliver_pending", "--verbosity", "0"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def database_url() -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,20 +14,10 @@ from django.utils import timezone
 from listdelivery.models import MailingList, Member, OutgoingMessage, Personalization
 from listdelivery.pipeline import member_recipients, to_outgoing
 
-from .conftest import run, subprocess_environment
+from .conftest import deliver_pending, run, subprocess_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-def deliver_pending(environment: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "deliver_pending", "--verbosity", "0"],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def make_list(address: str, size: int, **fields) -> MailingList:

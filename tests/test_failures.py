@@ -11,21 +11,12 @@ from django.utils import timezone
 from listdelivery.models import BounceEvent, OutgoingMessage, OutgoingRecipient, Personalization
 from listdelivery.pipeline import after_delivery
 
-from .conftest import queue_post, run
+from .conftest import THREE, make_due, queue_post, run, statuses
 
 pytestmark = pytest.mark.django_db
 
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
-THREE = ["aperson@example.com", "bperson@example.com", "cperson@example.com"]
-
-
-def make_due(row: OutgoingMessage) -> None:
-    OutgoingMessage.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
-
-
-def statuses(row: OutgoingMessage) -> dict[str, str]:
-    return dict(row.recipients.values_list("address", "status"))
 
 
 def test_mixed_550_450_250_bounces_one_retries_one_and_later_delivers_the_original_post(

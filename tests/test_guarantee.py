@@ -11,28 +11,18 @@ import logging
 
 import pytest
 from django.db import connection
-from django.utils import timezone
 
 from listdelivery.admin import discard_posts, retry_posts
 from listdelivery.delivery import BaseDelivery
 from listdelivery.models import BounceEvent, OutgoingMessage, OutgoingRecipient, Personalization
 from listdelivery.runner import OutgoingRunner
 
-from .conftest import queue_post, run
+from .conftest import THREE, make_due, queue_post, run, statuses
 
 pytestmark = pytest.mark.django_db
 
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
-THREE = ["aperson@example.com", "bperson@example.com", "cperson@example.com"]
-
-
-def make_due(row: OutgoingMessage) -> None:
-    OutgoingMessage.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
-
-
-def statuses(row: OutgoingMessage) -> dict[str, str]:
-    return dict(row.recipients.values_list("address", "status"))
 
 
 class failing_inserts:

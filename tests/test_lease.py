@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,21 +23,11 @@ from listdelivery.admin import discard_posts
 from listdelivery.models import MailingList, Member, OutgoingMessage, Personalization
 from listdelivery.pipeline import member_recipients, to_outgoing
 
-from .conftest import subprocess_environment
+from .conftest import deliver_pending, subprocess_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 Status = OutgoingMessage.Status
-
-
-def deliver_pending(environment: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "deliver_pending", "--verbosity", "0"],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> None:

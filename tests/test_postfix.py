@@ -11,8 +11,6 @@ lines that explain it.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from email import message_from_string
@@ -20,7 +18,6 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from django.utils import timezone
 
 from listdelivery.models import (
     BounceEvent,
@@ -31,7 +28,7 @@ from listdelivery.models import (
     Personalization,
 )
 
-from .conftest import queue_post, run, subprocess_environment
+from .conftest import deliver_pending, make_due, queue_post, run, subprocess_environment
 from .postfix import DOMAIN, PostfixInstance, start_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,10 +79,6 @@ def post(subject: str, body: str = "Hello from the list.\n") -> Message:
         f"From: owner@example.com\nSubject: {subject}\n"
         f"Message-ID: <{subject.replace(' ', '-')}@example.com>\n\n{body}"
     )
-
-
-def make_due(row: OutgoingMessage) -> None:
-    OutgoingMessage.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
 
 
 def deliver_in_passes(row: OutgoingMessage, passes: int, pause: float = 0) -> int:
@@ -220,16 +213,6 @@ def test_a_message_rate_limit_defers_the_excess_and_delivers_it_after_the_window
     assert_one_copy_each(server, members, row)
     assert not BounceEvent.objects.exists(), explain(server, row)
     assert row.status == Status.DELIVERED, explain(server, row)
-
-
-def deliver_pending(environment: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "deliver_pending", "--verbosity", "0"],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 @pytest.mark.django_db(transaction=True)
