@@ -63,7 +63,7 @@ def free() -> Q:
     return Q(leased_until__isnull=True) | Q(leased_until__lt=timezone.now())
 
 
-def claim(due: Q, count: int, duration: timedelta) -> tuple[str, list[OutgoingMessage]]:
+def claim(due: Q, count: int, duration: timedelta) -> Claim:
     """Lease up to ``count`` rows matching ``due`` (and free) to a new token, oldest due first."""
     now = timezone.now()
     token = uuid.uuid4().hex
@@ -74,7 +74,7 @@ def claim(due: Q, count: int, duration: timedelta) -> tuple[str, list[OutgoingMe
             candidates = candidates.select_for_update(skip_locked=True, of=("self",))
         ids = list(candidates.values_list("id", flat=True)[:count])
         if not ids:
-            return token, []
+            return Claim(token, [], duration)
         OutgoingMessage.objects.filter(claimable, id__in=ids).update(
             lease_token=token, leased_until=now + duration, attempts=F("attempts") + 1
         )
@@ -83,7 +83,7 @@ def claim(due: Q, count: int, duration: timedelta) -> tuple[str, list[OutgoingMe
         .select_related("mailing_list")
         .order_by("next_attempt_at", "id")
     )
-    return token, list(rows)
+    return Claim(token, list(rows), duration)
 
 
 def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:
@@ -99,6 +99,7 @@ class Claim:
 
     def __init__(self, token: str, rows: list[OutgoingMessage], duration: timedelta) -> None:
         self.token = token
+        self.rows = rows
         self.leases = [Lease(row, token, duration) for row in rows]
         self.duration = duration
 

@@ -141,12 +141,11 @@ class OutgoingRunner:
                 wanted = config["CLAIM_BATCH"]
                 if self.limit is not None:
                     wanted = min(wanted, self.limit - summary.posts)
-                token, rows = claim(due, wanted, config["LEASE_DURATION"])
-                if not rows:
+                posts = claim(due, wanted, config["LEASE_DURATION"])
+                if not posts.rows:
                     break
-                known = self._prefetch_recipients(rows)
-                posts = Claim(token, rows, config["LEASE_DURATION"])
-                for index, row in enumerate(rows):
+                known = self._prefetch_recipients(posts.rows)
+                for index, row in enumerate(posts.rows):
                     summary.posts += 1
                     self._process_safely(
                         posts, index, heartbeat, modules, summary, known.get(row.pk)
