@@ -82,6 +82,8 @@ def slot_pattern(prefix: str) -> re.Pattern[bytes]:
 
 def one_line(text: str) -> str:
     """``text`` with runs of whitespace (line breaks included) made one space, and no controls."""
+    if text.isprintable() and "  " not in text and text == text.strip():
+        return text  # the common case, once per member value of every copy
     return _CONTROLS.sub("", " ".join(text.split()))
 
 

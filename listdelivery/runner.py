@@ -381,12 +381,19 @@ class OutgoingRunner:
         """
         if not individual:
             return [Recipient(address) for address in batch]
+        found = Member.objects.filter(mailing_list=mlist, address__in=list(batch))
         members = {
             address.casefold(): (name, pk)
-            for address, name, pk in Member.objects.annotate(key=Lower("address"))
-            .filter(mailing_list=mlist, key__in=[a.lower() for a in batch])
-            .values_list("address", "display_name", "pk")
+            for address, name, pk in found.values_list("address", "display_name", "pk")
         }
+        others = [a.lower() for a in batch if a.casefold() not in members]
+        if others:  # rare: an address not written as the member's (no index serves this)
+            found = Member.objects.annotate(key=Lower("address"))
+            found = found.filter(mailing_list=mlist, key__in=others)
+            members.update(
+                (address.casefold(), (name, pk))
+                for address, name, pk in found.values_list("address", "display_name", "pk")
+            )
         return [
             Recipient(address, *members.get(address.casefold(), ("", None))) for address in batch
         ]
