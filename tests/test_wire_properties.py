@@ -152,6 +152,11 @@ def _multipart(eol: bytes, boundary: str, parts: list[bytes]) -> bytes:
     return b"".join(delimiter + eol + part + eol for part in parts) + delimiter + b"--" + eol
 
 
+def admin_text(text: str) -> str:
+    """Text an admin form accepts (Django's forms refuse NUL; PostgreSQL cannot store it)."""
+    return text.replace("$", "").replace("\x00", "")
+
+
 @st.composite
 def decorations(draw) -> tuple[str, str]:
     """A list's header and footer as an admin might write them: CRLF, long lines, $names."""
@@ -160,8 +165,8 @@ def decorations(draw) -> tuple[str, str]:
         pieces = draw(
             st.lists(
                 st.sampled_from(NAMES)
-                | text_in("utf-8").map(lambda t: t.replace("$", ""))
-                | long_lines("ascii").map(lambda t: t.replace("$", "")),
+                | text_in("utf-8").map(admin_text)
+                | long_lines("ascii").map(admin_text),
                 max_size=8,
             )
         )
