@@ -103,6 +103,35 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
         )
 
 
+def pause_posts(queryset: QuerySet[OutgoingMessage]) -> int:
+    """Pause the chosen waiting posts; returns how many were paused.
+
+    A runner delivering one stops within about a second (its heartbeat reads
+    the row), after the transaction in flight; recipients it has not reached
+    stay open, so :func:`resume_posts` goes on exactly where it stopped. A
+    paused post is never claimed, swept or given up.
+    """
+    posts = OutgoingMessage.objects.filter(
+        pk__in=queryset.values("pk"), status__in=OutgoingMessage.WAITING
+    )
+    return lease.release(posts, status=Status.PAUSED, updated_at=timezone.now())
+
+
+def resume_posts(queryset: QuerySet[OutgoingMessage]) -> int:
+    """Make the chosen paused posts due now, with a fresh retry period; returns how many."""
+    now = timezone.now()
+    posts = OutgoingMessage.objects.filter(pk__in=queryset.values("pk"), status=Status.PAUSED)
+    changed = posts.update(
+        status=Case(When(attempts=0, then=Value(Status.QUEUED)), default=Value(Status.RETRY)),
+        next_attempt_at=now,
+        deliver_until=None,
+        updated_at=now,
+    )
+    if changed:
+        transaction.on_commit(tasks.enqueue_delivery, robust=True)
+    return changed
+
+
 def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
     """Stop delivering the chosen waiting posts; returns how many were discarded.
 
@@ -112,7 +141,7 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
     now = timezone.now()
     reason = f"discarded by {by}"
     posts = OutgoingMessage.objects.filter(
-        pk__in=queryset.values("pk"), status__in=OutgoingMessage.WAITING
+        pk__in=queryset.values("pk"), status__in=(*OutgoingMessage.WAITING, Status.PAUSED)
     )
     with transaction.atomic():
         chosen = list(posts.select_for_update(of=("self",)).select_related("mailing_list"))
@@ -178,6 +207,7 @@ class MailingListAdmin(admin.ModelAdmin):
     list_filter = ("personalize",)
     search_fields = ("address", "display_name")
     change_list_template = "listdelivery/admin/change_list.html"
+    actions = ("pause", "resume")
     delivery_fields = (
         "list_id",
         "post_id",
@@ -204,17 +234,31 @@ class MailingListAdmin(admin.ModelAdmin):
             .annotate(
                 queued_count=_count(OutgoingMessage, "mailing_list", status=Status.QUEUED),
                 retrying_count=_count(
-                    OutgoingMessage, "mailing_list", status__in=(Status.RETRY, Status.HELD)
+                    OutgoingMessage,
+                    "mailing_list",
+                    status__in=(Status.RETRY, Status.HELD, Status.PAUSED),
                 ),
                 failed_count=_count(OutgoingMessage, "mailing_list", status=Status.FAILED),
             )
         )
 
+    @admin.action(permissions=["change"], description=_("Pause delivery of their posts"))
+    def pause(self, request: HttpRequest, queryset: QuerySet[MailingList]) -> None:
+        posts = OutgoingMessage.objects.filter(mailing_list__in=queryset)
+        chosen = posts.filter(status__in=OutgoingMessage.WAITING).count()
+        _report(self, request, chosen, pause_posts(posts), "paused")
+
+    @admin.action(permissions=["change"], description=_("Resume delivery of their posts"))
+    def resume(self, request: HttpRequest, queryset: QuerySet[MailingList]) -> None:
+        posts = OutgoingMessage.objects.filter(mailing_list__in=queryset)
+        chosen = posts.filter(status=Status.PAUSED).count()
+        _report(self, request, chosen, resume_posts(posts), "resumed")
+
     @admin.display(description=_("queued"), ordering="queued_count")
     def queued(self, obj: MailingList) -> int:
         return obj.queued_count
 
-    @admin.display(description=_("retrying or held"), ordering="retrying_count")
+    @admin.display(description=_("retrying, held or paused"), ordering="retrying_count")
     def retrying(self, obj: MailingList) -> int:
         return obj.retrying_count
 
@@ -319,7 +363,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     list_select_related = ("mailing_list",)
     show_full_result_count = False
     change_list_template = "listdelivery/admin/change_list.html"
-    actions = ("retry_now", "discard")
+    actions = ("retry_now", "pause", "resume", "discard")
     fieldsets = (
         (
             None,
@@ -466,6 +510,14 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
             ) % {"count": chosen - changed}
         self.message_user(request, text, messages.SUCCESS)
 
+    @admin.action(permissions=["change"], description=_("Pause delivery"))
+    def pause(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
+        _report(self, request, queryset.count(), pause_posts(queryset), "paused")
+
+    @admin.action(permissions=["change"], description=_("Resume delivery"))
+    def resume(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
+        _report(self, request, queryset.count(), resume_posts(queryset), "resumed")
+
     @admin.action(permissions=["change"], description=_("Discard (stop delivering)"))
     def discard(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
         chosen = queryset.count()
@@ -480,6 +532,23 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
                 chosen - changed,
             ) % {"count": chosen - changed}
         self.message_user(request, text, messages.SUCCESS)
+
+
+def _report(
+    model_admin: admin.ModelAdmin, request: HttpRequest, chosen: int, changed: int, done: str
+) -> None:
+    """ "N posts were paused. M were left alone: …" for a pause or resume action."""
+    text = ngettext("%(count)d post was %(done)s.", "%(count)d posts were %(done)s.", changed) % {
+        "count": changed,
+        "done": done,
+    }
+    if chosen > changed:
+        text += " " + ngettext(
+            "%(count)d was left alone: it was not in a state to be %(done)s.",
+            "%(count)d were left alone: they were not in a state to be %(done)s.",
+            chosen - changed,
+        ) % {"count": chosen - changed, "done": done}
+    model_admin.message_user(request, text, messages.SUCCESS)
 
 
 @admin.register(BounceEvent)

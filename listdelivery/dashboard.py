@@ -125,22 +125,24 @@ def human_duration(value: timedelta) -> str:
 
 
 def retry_queue() -> dict[str, Any]:
-    """Waiting posts by list (queued, retrying, held, oldest, next due) and in all."""
+    """Waiting and paused posts by list (queued, retrying, held, paused, oldest, next due)."""
     by_list = list(
-        OutgoingMessage.objects.filter(status__in=OutgoingMessage.WAITING)
+        OutgoingMessage.objects.filter(status__in=(*OutgoingMessage.WAITING, Status.PAUSED))
         .values("list_id", "mailing_list")
         .annotate(
             total=Count("pk"),
             queued=Count("pk", filter=Q(status=Status.QUEUED)),
             retrying=Count("pk", filter=Q(status=Status.RETRY)),
             held=Count("pk", filter=Q(status=Status.HELD)),
+            paused=Count("pk", filter=Q(status=Status.PAUSED)),
             oldest=Min("created_at"),
             next_due=Min("next_attempt_at"),
         )
         .order_by("list_id")
     )
     totals = {
-        name: sum(row[name] for row in by_list) for name in ("total", "queued", "retrying", "held")
+        name: sum(row[name] for row in by_list)
+        for name in ("total", "queued", "retrying", "held", "paused")
     }
     totals["oldest"] = min((row["oldest"] for row in by_list), default=None)
     totals["next_due"] = min((row["next_due"] for row in by_list), default=None)

@@ -20,10 +20,13 @@ Invariants:
    discarded or taken over while it waited behind the others is never started.
    The first starts a moment after the claim, which was its check.
 5. While a runner works on a post, a heartbeat thread renews the lease every
-   third of ``LEASE_DURATION``, however slow the server. When a renewal finds
-   the lease gone, or renewals fail for so long that the lease may have run
-   out, :attr:`Lease.lost` is set and the SMTP layer stops taking new
-   transactions; the runner then stops.
+   third of ``LEASE_DURATION``, however slow the server, and in between reads
+   the row every :data:`CHECK_EVERY` seconds. When a renewal or a read finds
+   the post no longer ours (paused, discarded, taken over), or renewals fail
+   for so long that the lease may have run out, :attr:`Lease.lost` is set and
+   the SMTP layer stops taking new transactions; the runner then stops. So a
+   pause or a discard takes effect within about a second plus the transaction
+   in flight.
 6. Ending a post (its next or final status) releases the lease in the same
    fenced UPDATE that writes the status.
 7. A runner that dies leaves its lease to expire; the post is then claimable
@@ -48,6 +51,8 @@ from .models import OutgoingMessage
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two reads of the post being delivered, to see a pause or a discard.
+CHECK_EVERY = 1.0
 #: Seconds between two renewals at the shortest, whatever the lease duration.
 MIN_HEARTBEAT = 0.2
 
@@ -140,6 +145,21 @@ class Lease:
             raise LeaseLost(self.row.pk)
         self.renewed_at = began
 
+    def taken_away(self) -> bool:
+        """Whether the row says the post is no longer ours: paused, discarded, taken over.
+
+        A row this connection cannot see (created in a transaction not yet
+        committed, as in a test case) says nothing: that is for the renewal to find.
+        """
+        found = (
+            OutgoingMessage.objects.filter(pk=self.row.pk)
+            .values_list("lease_token", "status")
+            .first()
+        )
+        return found is not None and (
+            found[0] != self.token or found[1] not in OutgoingMessage.WAITING
+        )
+
     def end(self, **fields: Any) -> bool:
         """Write the post's new status and let go of the lease; ``False`` if it was not ours."""
         return bool(self.fenced().update(**UNLEASED, **fields))
@@ -156,6 +176,7 @@ class Heartbeat:
 
     def __init__(self, duration: timedelta) -> None:
         self.interval = max(duration.total_seconds() / 3, MIN_HEARTBEAT)
+        self.tick = min(self.interval, CHECK_EVERY)
         self.duration = duration.total_seconds()
         self._lease: Lease | None = None
         self._lock = threading.Lock()
@@ -185,7 +206,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
-            while not self._stopping.wait(self.interval):
+            while not self._stopping.wait(self.tick):
                 with self._lock:
                     lease = self._lease
                     if lease is not None:
@@ -194,14 +215,19 @@ class Heartbeat:
             connection.close()  # this thread's own database connection
 
     def _renew(self, lease: Lease) -> None:
-        if lease.lost.is_set() or time.monotonic() - lease.renewed_at < self.interval:
-            return  # a checkpoint renewed it just now
+        if lease.lost.is_set():
+            return
         try:
+            if time.monotonic() - lease.renewed_at < self.interval:
+                if lease.taken_away():  # between renewals: a read is enough
+                    lease.lost.set()
+                    raise LeaseLost(lease.row.pk)
+                return
             lease.renew()
         except LeaseLost:
             logger.warning(
-                "Lost the lease on post %s while delivering it: stopping before the next "
-                "transaction",
+                "Post %s was paused, discarded or taken over while being delivered: "
+                "stopping before the next transaction",
                 lease.row.pk,
             )
         except DatabaseError as error:

@@ -186,6 +186,7 @@ class OutgoingMessage(models.Model):
         QUEUED = "queued", _("Queued")
         RETRY = "retry", _("Waiting to retry")
         HELD = "held", _("Held by a server error")
+        PAUSED = "paused", _("Paused")
         DELIVERED = "delivered", _("Delivered")
         FAILED = "failed", _("Failed")
         DISCARDED = "discarded", _("Discarded")

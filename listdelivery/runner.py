@@ -175,8 +175,8 @@ class OutgoingRunner:
             self._process(lease, modules, summary, known)
         except LeaseLost:
             logger.warning(
-                "Stopped delivering %s: it was discarded, or its lease expired and another "
-                "runner took it over",
+                "Stopped delivering %s: it was paused or discarded, or its lease expired "
+                "and another runner took it over",
                 _label(lease.row),
             )
         except Exception as error:
