@@ -14,6 +14,7 @@ from email.message import Message
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
@@ -518,8 +519,26 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     def resume(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
         _report(self, request, queryset.count(), resume_posts(queryset), "resumed")
 
-    @admin.action(permissions=["change"], description=_("Discard (stop delivering)"))
-    def discard(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
+    @admin.action(permissions=["change"], description=_("Cancel delivery (asks first)"))
+    def discard(
+        self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]
+    ) -> TemplateResponse | None:
+        if request.POST.get("confirm") != "yes":
+            stoppable = (*OutgoingMessage.WAITING, Status.PAUSED)
+            posts = list(queryset.filter(status__in=stoppable).select_related("mailing_list"))
+            return TemplateResponse(
+                request,
+                "listdelivery/admin/confirm_cancel.html",
+                {
+                    **self.admin_site.each_context(request),
+                    "title": _("Cancel delivery"),
+                    "opts": self.model._meta,
+                    "posts": posts,
+                    "chosen": list(queryset.values_list("pk", flat=True)),
+                    "left_alone": queryset.count() - len(posts),
+                    "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+                },
+            )
         chosen = queryset.count()
         changed = discard_posts(queryset, request.user.get_username())
         text = ngettext(
@@ -532,6 +551,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
                 chosen - changed,
             ) % {"count": chosen - changed}
         self.message_user(request, text, messages.SUCCESS)
+        return None
 
 
 def _report(

@@ -114,10 +114,10 @@ def page_urls(sample) -> dict[str, str]:
     }
 
 
-def run_action(client, model: str, action: str, *objects) -> object:
+def run_action(client, model: str, action: str, *objects, **extra) -> object:
     return client.post(
         reverse(f"admin:listdelivery_{model}_changelist"),
-        {"action": action, "_selected_action": [obj.pk for obj in objects]},
+        {"action": action, "_selected_action": [obj.pk for obj in objects], **extra},
         follow=True,
     )
 
@@ -521,7 +521,9 @@ def test_discard_stops_waiting_posts_and_says_who_discarded_them(admin_client, m
     )
     delivered = make_post(mlist, Status.DELIVERED, {"cperson@example.com": RStatus.SENT})
 
-    response = run_action(admin_client, "outgoingmessage", "discard", queued, delivered)
+    response = run_action(
+        admin_client, "outgoingmessage", "discard", queued, delivered, confirm="yes"
+    )
 
     assert messages_of(response) == [
         "1 post was discarded. 1 had already finished and was left alone."
@@ -544,7 +546,7 @@ def test_discard_stops_waiting_posts_and_says_who_discarded_them(admin_client, m
 def test_a_discarded_post_is_not_delivered(admin_client, deliver_to, smtpd, mlist, first_post):
     post = queue_post(mlist, first_post)
 
-    run_action(admin_client, "outgoingmessage", "discard", post)
+    run_action(admin_client, "outgoingmessage", "discard", post, confirm="yes")
     run()
 
     assert smtpd.messages == []
@@ -794,3 +796,17 @@ def test_a_post_held_for_an_administrator_says_it_waits_for_one(admin_client, ml
         reverse("admin:listdelivery_outgoingmessage_change", args=[post.pk])
     ).content
     assert b"when an administrator retries it" in page
+
+
+def test_cancel_asks_first_and_says_what_it_will_do(admin_client, mlist):
+    queued = make_post(mlist, Status.QUEUED, {"aperson@example.com": RStatus.PENDING})
+    delivered = make_post(mlist, Status.DELIVERED, {"cperson@example.com": RStatus.SENT})
+
+    page = run_action(admin_client, "outgoingmessage", "discard", queued, delivered)
+
+    text = page.content.decode()
+    assert "Cancel the delivery of this post?" in text and "cannot be undone" in text
+    assert "1 other chosen post has already finished" in text
+    assert 'name="confirm" value="yes"' in text
+    queued.refresh_from_db()
+    assert queued.status == Status.QUEUED, "nothing is cancelled before the confirmation"
