@@ -15,6 +15,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
@@ -243,6 +244,36 @@ class MailingListAdmin(admin.ModelAdmin):
             )
         )
 
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """A summary per list instead of every member and bounce event it takes with it.
+
+        Bounce events cannot be deleted on their own, but they go with their list.
+        """
+        lists = list(
+            MailingList.objects.filter(pk__in=[mlist.pk for mlist in objs]).annotate(
+                member_count=_count(Member, "mailing_list"),
+                bounce_count=_count(BounceEvent, "mailing_list"),
+                post_count=_count(OutgoingMessage, "mailing_list"),
+            )
+        )
+        summary = [
+            format_html(
+                "{}: {} members and {} bounce events are deleted with it; its {} posts "
+                "stay in the queue's history (waiting ones are discarded, not sent)",
+                mlist,
+                mlist.member_count,
+                mlist.bounce_count,
+                mlist.post_count,
+            )
+            for mlist in lists
+        ]
+        counts = {
+            MailingList._meta.verbose_name_plural: len(lists),
+            Member._meta.verbose_name_plural: sum(m.member_count for m in lists),
+            BounceEvent._meta.verbose_name_plural: sum(m.bounce_count for m in lists),
+        }
+        return summary, counts, set(), []
+
     @admin.action(permissions=["change"], description=_("Pause delivery of their posts"))
     def pause(self, request: HttpRequest, queryset: QuerySet[MailingList]) -> None:
         posts = OutgoingMessage.objects.filter(mailing_list__in=queryset)
@@ -325,22 +356,34 @@ class MemberAdmin(admin.ModelAdmin):
         self._set_delivery(request, queryset, DeliveryStatus.BY_MODERATOR)
 
     def _set_delivery(self, request: HttpRequest, queryset: QuerySet[Member], status: str) -> None:
-        changed = (
-            Member.objects.filter(pk__in=queryset.values("pk"))
-            .exclude(delivery_status=status)
-            .update(
-                delivery_status=status,
-                # enabled again: the bounce score starts afresh, or the next bounce disables at once
-                **({"bounce_score": 0} if status == DeliveryStatus.ENABLED else {}),
-            )
+        members = Member.objects.filter(pk__in=queryset.values("pk")).exclude(
+            delivery_status=status
         )
+        skipped = 0
+        if status == DeliveryStatus.ENABLED:
+            # A member's own unsubscribe is theirs to undo, not a moderator's.
+            skipped = members.filter(delivery_status=DeliveryStatus.BY_USER).count()
+            members = members.exclude(delivery_status=DeliveryStatus.BY_USER)
+        chosen = list(members.values_list("pk", flat=True))
+        changed = members.update(
+            delivery_status=status,
+            # enabled again: the bounce score starts afresh, or the next bounce disables at once
+            **({"bounce_score": 0} if status == DeliveryStatus.ENABLED else {}),
+        )
+        label = DeliveryStatus(status).label
+        _log(request, Member.objects.filter(pk__in=chosen), f"Delivery set to “{label}”.")
         text = ngettext(
             "Delivery is now “%(status)s” for %(count)d member.",
             "Delivery is now “%(status)s” for %(count)d members.",
             changed,
-        )
-        label = DeliveryStatus(status).label
-        self.message_user(request, text % {"status": label, "count": changed}, messages.SUCCESS)
+        ) % {"status": label, "count": changed}
+        if skipped:
+            text += " " + ngettext(
+                "%(count)d member who unsubscribed themselves was left alone.",
+                "%(count)d members who unsubscribed themselves were left alone.",
+                skipped,
+            ) % {"count": skipped}
+        self.message_user(request, text, messages.SUCCESS)
 
 
 @admin.register(OutgoingMessage)
@@ -419,6 +462,9 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         # Change permission is what the actions need; a post itself is never edited.
         return obj is None and super().has_change_permission(request)
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # a record of what was sent: cancel a post, never delete it
+
     @admin.display(description=_("next attempt"), ordering="next_attempt_at")
     def next_attempt(self, obj: OutgoingMessage) -> Any:
         if obj.next_attempt_at is None and obj.status == Status.HELD:
@@ -496,7 +542,9 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     @admin.action(permissions=["change"], description=_("Retry now"))
     def retry_now(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
         chosen = queryset.count()
+        retryable = list(queryset.filter(lease.free(), status__in=RETRYABLE).values_list("pk"))
         changed = retry_posts(queryset)
+        _log(request, _now(retryable, status__in=(Status.QUEUED, Status.RETRY)), "Retried now.")
         transaction.on_commit(tasks.enqueue_delivery, robust=True)
         text = ngettext(
             "%(count)d post is due now and will be retried at the next delivery run.",
@@ -513,11 +561,15 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
 
     @admin.action(permissions=["change"], description=_("Pause delivery"))
     def pause(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
+        chosen = list(queryset.filter(status__in=OutgoingMessage.WAITING).values_list("pk"))
         _report(self, request, queryset.count(), pause_posts(queryset), "paused")
+        _log(request, _now(chosen, status=Status.PAUSED), "Paused delivery.")
 
     @admin.action(permissions=["change"], description=_("Resume delivery"))
     def resume(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:
+        chosen = list(queryset.filter(status=Status.PAUSED).values_list("pk"))
         _report(self, request, queryset.count(), resume_posts(queryset), "resumed")
+        _log(request, _now(chosen, status__in=OutgoingMessage.WAITING), "Resumed delivery.")
 
     @admin.action(permissions=["change"], description=_("Cancel delivery (asks first)"))
     def discard(
@@ -539,8 +591,12 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
                     "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
                 },
             )
+        stoppable = list(
+            queryset.filter(status__in=(*OutgoingMessage.WAITING, Status.PAUSED)).values_list("pk")
+        )
         chosen = queryset.count()
         changed = discard_posts(queryset, request.user.get_username())
+        _log(request, _now(stoppable, status=Status.DISCARDED), "Cancelled delivery.")
         text = ngettext(
             "%(count)d post was discarded.", "%(count)d posts were discarded.", changed
         ) % {"count": changed}
@@ -552,6 +608,16 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
             ) % {"count": chosen - changed}
         self.message_user(request, text, messages.SUCCESS)
         return None
+
+
+def _now(pks: list[tuple[int]], **state: Any) -> QuerySet[OutgoingMessage]:
+    """Those of the chosen posts (``values_list("pk")`` rows) that are now in ``state``."""
+    return OutgoingMessage.objects.filter(pk__in=[pk for (pk,) in pks], **state)
+
+
+def _log(request: HttpRequest, queryset: QuerySet, message: str) -> None:
+    """A "changed" LogEntry per object, so History and Recent actions say who did what."""
+    LogEntry.objects.log_actions(request.user.pk, queryset, CHANGE, change_message=message)
 
 
 def _report(
@@ -586,6 +652,9 @@ class BounceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # what a server said: a record, scored already
 
     @admin.display(description=_("diagnostic"), ordering="smtp_message")
     def diagnostic(self, obj: BounceEvent) -> str:

@@ -810,3 +810,73 @@ def test_cancel_asks_first_and_says_what_it_will_do(admin_client, mlist):
     assert 'name="confirm" value="yes"' in text
     queued.refresh_from_db()
     assert queued.status == Status.QUEUED, "nothing is cancelled before the confirmation"
+
+
+# -- the audit trail -------------------------------------------------------------------
+
+
+def test_every_action_leaves_a_log_entry_saying_who_did_what(admin_client, mlist):
+    from django.contrib.admin.models import LogEntry
+
+    post = make_post(mlist, Status.QUEUED, {"aperson@example.com": RStatus.PENDING})
+    anne = mlist.members.get(address="aperson@example.com")
+
+    run_action(admin_client, "outgoingmessage", "pause", post)
+    run_action(admin_client, "outgoingmessage", "resume", post)
+    run_action(admin_client, "outgoingmessage", "retry_now", post)
+    run_action(admin_client, "outgoingmessage", "discard", post, confirm="yes")
+    run_action(admin_client, "member", "disable_delivery", anne)
+
+    entries = LogEntry.objects.order_by("pk")
+    assert [(e.object_id, e.change_message) for e in entries] == [
+        (str(post.pk), "Paused delivery."),
+        (str(post.pk), "Resumed delivery."),
+        (str(post.pk), "Retried now."),
+        (str(post.pk), "Cancelled delivery."),
+        (str(anne.pk), "Delivery set to “Disabled by a moderator”."),
+    ]
+    assert {e.user.get_username() for e in entries} == {"admin"}
+
+
+def test_enable_delivery_leaves_members_who_unsubscribed_themselves_alone(admin_client, mlist):
+    anne, bart, cris = mlist.members.all()
+    Member.objects.filter(pk=anne.pk).update(delivery_status=DeliveryStatus.BY_USER)
+    Member.objects.filter(pk=bart.pk).update(
+        delivery_status=DeliveryStatus.BY_BOUNCES, bounce_score=0
+    )
+
+    response = run_action(admin_client, "member", "enable_delivery", anne, bart, cris)
+
+    assert messages_of(response) == [
+        "Delivery is now “Enabled” for 1 member. "
+        "1 member who unsubscribed themselves was left alone."
+    ]
+    assert dict(mlist.members.values_list("address", "delivery_status")) == {
+        "aperson@example.com": DeliveryStatus.BY_USER,
+        "bperson@example.com": DeliveryStatus.ENABLED,
+        "cperson@example.com": DeliveryStatus.ENABLED,
+    }
+
+
+def test_posts_and_bounce_events_cannot_be_deleted_but_go_with_their_list(admin_client, mlist):
+    post = make_post(mlist, Status.DELIVERED, {"aperson@example.com": RStatus.SENT})
+    BounceEvent.objects.create(mailing_list=mlist, address="bperson@example.com", smtp_code=550)
+    assert (
+        'value="delete_selected"'
+        not in admin_client.get(
+            reverse("admin:listdelivery_outgoingmessage_changelist")
+        ).content.decode()
+    )
+    delete_post = reverse("admin:listdelivery_outgoingmessage_delete", args=[post.pk])
+    assert admin_client.get(delete_post).status_code == 403
+
+    page = admin_client.get(reverse("admin:listdelivery_mailinglist_delete", args=[mlist.pk]))
+    text = page.content.decode()
+    assert "3 members and 1 bounce events are deleted with it; its 1 posts" in text
+    assert "bperson@example.com" not in text, "a summary, not every related row"
+    admin_client.post(
+        reverse("admin:listdelivery_mailinglist_delete", args=[mlist.pk]), {"post": "yes"}
+    )
+    assert not MailingList.objects.exists() and not BounceEvent.objects.exists()
+    post.refresh_from_db()
+    assert post.mailing_list is None
