@@ -31,7 +31,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import dashboard, lease, signals, tasks
+from . import dashboard, lease, progress, signals, tasks
 from .models import (
     BounceEvent,
     DeliveryStatus,
@@ -91,6 +91,7 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
         ).exclude(status=RStatus.FAILED, smtp_message__startswith="invalid address").update(
             status=RStatus.PENDING, finished_at=None
         )
+        progress.recount(posts.filter(status=Status.FAILED))
         return lease.release(
             posts,
             status=Case(
@@ -151,6 +152,7 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
         OutgoingRecipient.objects.filter(
             message__in=posts, status__in=OutgoingRecipient.OPEN
         ).update(status=RStatus.FAILED, smtp_message=reason, finished_at=now)
+        progress.recount([post.pk for post in chosen])
         count = lease.release(
             posts, status=Status.DISCARDED, last_error=reason, finished_at=now, updated_at=now
         )
@@ -368,7 +370,11 @@ class MemberAdmin(admin.ModelAdmin):
         changed = members.update(
             delivery_status=status,
             # enabled again: the bounce score starts afresh, or the next bounce disables at once
-            **({"bounce_score": 0} if status == DeliveryStatus.ENABLED else {}),
+            **(
+                {"bounce_score": 0, "disabled_at": None}
+                if status == DeliveryStatus.ENABLED
+                else {"disabled_at": timezone.now()}
+            ),
         )
         label = DeliveryStatus(status).label
         _log(request, Member.objects.filter(pk__in=chosen), f"Delivery set to “{label}”.")

@@ -314,8 +314,9 @@ def _count(member: Member, event: BounceEvent, threshold: int, stale_after) -> N
         # As Mailman: the score starts again, so that a member whose delivery
         # is enabled again is not disabled by the very next bounce.
         member.delivery_status = DeliveryStatus.BY_BOUNCES
+        member.disabled_at = timezone.now()
         reached, member.bounce_score = member.bounce_score, 0
-        fields.append("delivery_status")
+        fields += ["delivery_status", "disabled_at"]
         signals.send_on_commit(
             signals.member_disabled_by_bounces,
             Member,

@@ -4,7 +4,8 @@ Invariants:
 
 1. A runner sends for a post only while it holds the post's lease: the row's
    ``lease_token`` is the runner's token for that claim, its ``leased_until``
-   is in the future, and its status is waiting (queued, retry, held).
+   is in the future, and its status is waiting (queued, retry, held, sending).
+   Claiming a post makes it ``sending``; its ending writes what comes next.
 2. Claiming is one conditional UPDATE of due rows whose lease is free or
    expired (``SELECT … FOR UPDATE SKIP LOCKED`` first where the database has
    it), with a token no one else has. So no two runners hold a row at once.
@@ -81,7 +82,13 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
         if not ids:
             return Claim(token, [], duration)
         OutgoingMessage.objects.filter(claimable, id__in=ids).update(
-            lease_token=token, leased_until=now + duration, attempts=F("attempts") + 1
+            lease_token=token,
+            leased_until=now + duration,
+            attempts=F("attempts") + 1,
+            status=OutgoingMessage.Status.SENDING,
+            sending_since=now,
+            rate=None,
+            finish_estimate=None,
         )
     rows = (
         OutgoingMessage.objects.filter(lease_token=token, id__in=ids)

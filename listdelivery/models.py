@@ -156,6 +156,12 @@ class Member(models.Model):
     )
     bounce_score = models.PositiveIntegerField(_("bounce score"), default=0)
     last_bounce_received = models.DateField(_("last bounce"), null=True, blank=True)
+    disabled_at = models.DateTimeField(
+        _("delivery disabled at"),
+        null=True,
+        blank=True,
+        help_text=_("When delivery to this member was last disabled, by bounces or by hand."),
+    )
     created_at = models.DateTimeField(_("subscribed"), auto_now_add=True)
 
     class Meta:
@@ -184,6 +190,7 @@ class OutgoingMessage(models.Model):
 
     class Status(models.TextChoices):
         QUEUED = "queued", _("Queued")
+        SENDING = "sending", _("Sending")
         RETRY = "retry", _("Waiting to retry")
         HELD = "held", _("Held by a server error")
         PAUSED = "paused", _("Paused")
@@ -191,7 +198,9 @@ class OutgoingMessage(models.Model):
         FAILED = "failed", _("Failed")
         DISCARDED = "discarded", _("Discarded")
 
-    WAITING = (Status.QUEUED, Status.RETRY, Status.HELD)
+    #: Statuses a runner may claim or hold: sending is one, so that a post whose
+    #: runner died (its lease ran out) is taken over.
+    WAITING = (Status.QUEUED, Status.RETRY, Status.HELD, Status.SENDING)
 
     mailing_list = models.ForeignKey(
         MailingList,
@@ -222,6 +231,24 @@ class OutgoingMessage(models.Model):
         _("recipients failing at the last attempt"), default=0
     )
     last_error = models.TextField(_("last error"), blank=True)
+    problem = models.CharField(
+        _("problem"),
+        max_length=20,
+        blank=True,
+        help_text=_("What kind of server trouble holds the post: auth, tls, connection …"),
+    )
+    recipient_count = models.PositiveIntegerField(_("recipients"), default=0)
+    sent_count = models.PositiveIntegerField(_("accepted"), default=0)
+    deferred_count = models.PositiveIntegerField(_("deferred"), default=0)
+    bounced_count = models.PositiveIntegerField(_("bounced"), default=0)
+    failed_count = models.PositiveIntegerField(_("failed"), default=0)
+    sending_since = models.DateTimeField(
+        _("sending since"), null=True, blank=True, help_text=_("When the current attempt began.")
+    )
+    rate = models.FloatField(
+        _("rate"), null=True, blank=True, help_text=_("Recipients per second in this attempt.")
+    )
+    finish_estimate = models.DateTimeField(_("estimated finish"), null=True, blank=True)
     unexpected_errors = models.PositiveIntegerField(
         _("unexpected errors in a row"),
         default=0,
@@ -247,6 +274,40 @@ class OutgoingMessage(models.Model):
     @property
     def raw(self) -> bytes:
         return bytes(self.message)
+
+    @property
+    def pending_count(self) -> int:
+        """Recipients not yet tried (deferred ones are counted apart)."""
+        done = self.sent_count + self.deferred_count + self.bounced_count + self.failed_count
+        return max(self.recipient_count - done, 0)
+
+    @property
+    def open_count(self) -> int:
+        """Recipients still to deliver: pending and deferred."""
+        return self.pending_count + self.deferred_count
+
+    @property
+    def progress(self) -> float:
+        """The share of recipients with a final answer, 0 to 1."""
+        if not self.recipient_count:
+            return 0.0
+        return 1 - self.open_count / self.recipient_count
+
+    @property
+    def is_scheduled(self) -> bool:
+        """Queued and not due yet (``deliver_after``)."""
+        return (
+            self.status == self.Status.QUEUED
+            and self.next_attempt_at is not None
+            and self.next_attempt_at > timezone.now()
+        )
+
+    @property
+    def is_stalled(self) -> bool:
+        """Sending, but its runner stopped (its lease ran out): another will take it over."""
+        return self.status == self.Status.SENDING and (
+            self.leased_until is None or self.leased_until < timezone.now()
+        )
 
 
 class OutgoingRecipient(models.Model):
@@ -322,3 +383,73 @@ class BounceEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.address} ({self.smtp_code})"
+
+
+class DeliveryAttempt(models.Model):
+    """One run of a runner over one post: what it sent, what came back, how it ended."""
+
+    message = models.ForeignKey(
+        OutgoingMessage, on_delete=models.CASCADE, related_name="attempt_log"
+    )
+    number = models.PositiveIntegerField(_("attempt"))
+    runner = models.CharField(_("runner"), max_length=200, blank=True)
+    started_at = models.DateTimeField(_("started"))
+    finished_at = models.DateTimeField(_("finished"))
+    accepted = models.PositiveIntegerField(_("accepted"), default=0)
+    deferred = models.PositiveIntegerField(_("deferred"), default=0)
+    bounced = models.PositiveIntegerField(_("bounced"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    transactions = models.PositiveIntegerField(_("SMTP transactions"), default=0)
+    first_error = models.TextField(_("first server error"), blank=True)
+    outcome = models.CharField(_("ended"), max_length=20)
+    reason = models.TextField(_("reason"), blank=True)
+
+    class Meta:
+        ordering = ["message", "started_at", "id"]
+        verbose_name = _("delivery attempt")
+        verbose_name_plural = _("delivery attempts")
+        indexes = [models.Index(fields=["message", "started_at"], name="listdelivery_attempt_post")]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of post {self.message_id}"
+
+
+class DeliveryHour(models.Model):
+    """Recipients answered in one hour for one list: what the charts and metrics read.
+
+    Written in the same transaction as the recipients themselves, so the totals
+    match them; an administrator's cancel is not a failure and is not counted.
+    """
+
+    hour = models.DateTimeField(_("hour"))
+    list_id = models.CharField(_("list ID"), max_length=254)
+    sent = models.PositiveBigIntegerField(_("accepted"), default=0)
+    bounced = models.PositiveBigIntegerField(_("bounced"), default=0)
+    failed = models.PositiveBigIntegerField(_("failed"), default=0)
+
+    class Meta:
+        ordering = ["-hour", "list_id"]
+        verbose_name = _("delivery totals of an hour")
+        verbose_name_plural = _("delivery totals by hour")
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "list_id"], name="listdelivery_hour_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.list_id} {self.hour:%Y-%m-%d %H:00}"
+
+
+class RunnerPass(models.Model):
+    """The last pass of any runner over the queue: one row, for the health check."""
+
+    finished_at = models.DateTimeField(_("finished at"))
+    runner = models.CharField(_("runner"), max_length=200, blank=True)
+    posts = models.PositiveIntegerField(_("posts"), default=0)
+    seconds = models.FloatField(_("seconds"), default=0.0)
+
+    class Meta:
+        verbose_name = _("runner pass")
+        verbose_name_plural = _("runner passes")
+
+    def __str__(self) -> str:
+        return f"{self.runner} at {self.finished_at}"

@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import tasks
+from . import progress, tasks
 from .addresses import address_problem, unique_addresses
 from .models import DeliveryStatus, MailingList, Member, OutgoingMessage, OutgoingRecipient
 from .wire import decode_unknown
@@ -79,8 +79,17 @@ def to_outgoing(
         )
         # In slices: bulk_create would turn a generator into one list of every row.
         rows = _recipient_rows(row, unique_addresses(recipients))
+        total = invalid = 0
         while chunk := list(islice(rows, INSERT_BATCH)):
             OutgoingRecipient.objects.bulk_create(chunk)
+            total += len(chunk)
+            invalid += sum(1 for r in chunk if r.status == OutgoingRecipient.Status.FAILED)
+        if total:
+            OutgoingMessage.objects.filter(pk=row.pk).update(
+                recipient_count=total, failed_count=invalid
+            )
+            row.recipient_count, row.failed_count = total, invalid
+            progress.add_to_hour(row.list_id, failed=invalid)
         # A broker that is down must not fail the post: the sweep delivers it.
         transaction.on_commit(_enqueue_after_commit(row.pk), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)

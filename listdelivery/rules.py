@@ -120,6 +120,35 @@ class PostFailure:
     status: str  # Status.HELD or Status.RETRY
     reason: str
     needs_admin: bool = False  # held until an administrator retries it: sending again is futile
+    #: What kind of trouble, for grouping and the remedy shown: one of :data:`PROBLEMS`.
+    kind: str = "server"
+
+
+#: The kinds of post trouble, and what an administrator can do about each.
+PROBLEMS = {
+    "auth": "The server refused our login. Check SMTP_USER and SMTP_PASSWORD, then Retry now.",
+    "tls": (
+        "TLS with the server failed. Check SMTP_SECURE_MODE, SMTP_VERIFY_CERT and "
+        "SMTP_VERIFY_HOSTNAME against the server's certificate, then Retry now."
+    ),
+    "connection": (
+        "The server could not be reached. Check SMTP_HOST and SMTP_PORT and that the server "
+        "is running; delivery retries on its own."
+    ),
+    "size": (
+        "The server refuses a post this large. Raise the server's size limit and Retry now, "
+        "or Cancel the post."
+    ),
+    "content": (
+        "The server refused the post itself (content or policy). Read the reply; fix the "
+        "server's policy and Retry now, or Cancel the post."
+    ),
+    "refusals": (
+        "The server refused many recipients alike: usually relay or sender policy. "
+        "Check that the server lets this site relay, then Retry now."
+    ),
+    "server": "The server is in trouble; delivery retries on its own.",
+}
 
 
 @dataclass
@@ -191,6 +220,7 @@ def judge(outcomes: Iterable[Outcome]) -> Verdicts:
                 PostFailure(
                     Status.HELD,
                     f"the server refused {len(addresses)} recipients alike: {code} {text}",
+                    kind="refusals",
                 )
             )
     return verdicts
@@ -209,7 +239,7 @@ def _judge_failure(verdicts: Verdicts, outcome: Outcome) -> None:
     if stage == "size" or too_big(code, text):
         verdicts.add(RStatus.DEFERRED, recipients, code, text)
         verdicts.fail_post(
-            PostFailure(Status.HELD, f"the server refuses a post this large: {reply}", True)
+            PostFailure(Status.HELD, f"the server refuses a post this large: {reply}", True, "size")
         )
         return
     if stage == "data" and is_permanent(code):
@@ -221,16 +251,17 @@ def _judge_failure(verdicts: Verdicts, outcome: Outcome) -> None:
         about_post = enhanced is not None and enhanced[1] in (6, 7)
         if about_post:
             verdicts.fail_post(
-                PostFailure(Status.HELD, f"the server refused the post: {reply}", True)
+                PostFailure(Status.HELD, f"the server refused the post: {reply}", True, "content")
             )
         else:
             verdicts.fail_post(PostFailure(Status.HELD, reason))
         return
     verdicts.add(RStatus.DEFERRED, recipients, code, text)
+    kind = stage if stage in ("auth", "tls") else "connection" if stage == "connect" else "server"
     if is_permanent(code) or stage == "tls":
-        verdicts.fail_post(PostFailure(Status.HELD, reason))
+        verdicts.fail_post(PostFailure(Status.HELD, reason, kind=kind))
     elif failure.concerns_session:
-        verdicts.fail_post(PostFailure(Status.RETRY, reason))
+        verdicts.fail_post(PostFailure(Status.RETRY, reason, kind=kind))
 
 
 def _without_address(text: str, address: str) -> str:

@@ -35,13 +35,22 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, redact, rules, signals
+from . import conf, progress, redact, rules, signals
 from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
 from .delivery import BaseDelivery, Post, Recipient
 from .lease import Claim, Heartbeat, Lease, LeaseLost, claim
-from .models import BounceEvent, MailingList, Member, OutgoingMessage, OutgoingRecipient
+from .models import (
+    BounceEvent,
+    DeliveryAttempt,
+    MailingList,
+    Member,
+    OutgoingMessage,
+    OutgoingRecipient,
+    RunnerPass,
+)
+from .progress import Progress
 from .rules import PostFailure, Verdicts, judge, storable_code, storable_text
 from .smtp import SMTPPool
 
@@ -100,6 +109,7 @@ class Ending:
     error: str = ""
     fields: dict[str, Any] = field(default_factory=dict)
     give_up: bool = False  # its open recipients become failed
+    problem: str = ""  # the kind of server trouble (rules.PROBLEMS) that holds or delays it
 
 
 @dataclass
@@ -108,6 +118,7 @@ class Prefetched:
 
     recipients: dict[str, int]
     complete: bool
+    deferred: set[int] = field(default_factory=set)  # ids of the recipients deferred before
 
 
 class OutgoingRunner:
@@ -123,6 +134,8 @@ class OutgoingRunner:
         self.limit = limit
         self.list_address = list_address
         self.on_post = on_post
+        self.name = progress.runner_name()
+        self._progress: Progress | None = None  # of the post being delivered
 
     def run(self) -> RunSummary:
         self.config = config = conf.get_config()
@@ -155,7 +168,22 @@ class OutgoingRunner:
         if summary.bounced:
             score_bounces()
         summary.seconds = time.monotonic() - began
+        self._record_pass(summary)
         return summary
+
+    def _record_pass(self, summary: RunSummary) -> None:
+        """Say when a runner last finished a pass, for the health check: one row."""
+        fields = {
+            "finished_at": timezone.now(),
+            "runner": self.name,
+            "posts": summary.posts,
+            "seconds": summary.seconds,
+        }
+        try:
+            if not RunnerPass.objects.filter(pk=1).update(**fields):
+                RunnerPass.objects.update_or_create(pk=1, defaults=fields)
+        except DatabaseError as error:
+            logger.warning("Could not record the end of this pass: %s", error)
 
     # -- one post -----------------------------------------------------------
 
@@ -169,6 +197,7 @@ class OutgoingRunner:
         known: Prefetched | None = None,
     ) -> None:
         lease = posts.leases[index]
+        self._progress = None
         try:
             posts.start(index)
             heartbeat.watch(lease)
@@ -179,10 +208,28 @@ class OutgoingRunner:
                 "and another runner took it over",
                 _label(lease.row),
             )
+            self._after_lease_lost(lease)
         except Exception as error:
             self._after_unexpected_error(lease, summary, error)
         finally:
             heartbeat.watch(None)
+            self._progress = None
+
+    def _after_lease_lost(self, lease: Lease) -> None:
+        """Record the attempt that stopped, and the counts it left, if it had begun."""
+        if self._progress is None:
+            return
+        row = lease.row
+        try:
+            status = OutgoingMessage.objects.filter(pk=row.pk).values_list("status", flat=True)
+            now_status = status.first()
+            outcome = now_status if now_status in (Status.PAUSED, Status.DISCARDED) else "lost"
+            with transaction.atomic():
+                if outcome != "lost":  # our last checkpoint's counts did not land: count
+                    progress.recount([row.pk])
+                self._record_attempt(row, outcome, _STOPPED[outcome])
+        except DatabaseError as error:
+            logger.warning("Could not record the stopped attempt on %s: %s", _label(row), error)
 
     def _after_unexpected_error(self, lease: Lease, summary: RunSummary, error: Exception) -> None:
         """Retry a post that met an error of our own, but not for ever.
@@ -275,6 +322,12 @@ class OutgoingRunner:
         )
         individual = post.verp or mlist.personalize != "none"
         module = modules["INDIVIDUAL_DELIVERY" if individual else "BULK_DELIVERY"]
+        if "personalize" not in metadata:  # what this post was delivered as, for its page
+            metadata["personalize"] = mlist.personalize
+            unsaved["metadata"] = metadata
+        self._progress = Progress.of(row)
+        if known is None:
+            known = Prefetched({}, complete=False)
         began = time.monotonic()
         tally: Counter[str] = Counter()
         refusals: list[tuple[str, int | None, str]] = []
@@ -289,6 +342,7 @@ class OutgoingRunner:
                 if status != RStatus.SENT:
                     refusals.extend((address, code, text) for address in addresses)
             post_failure = verdicts.post_failure
+            self._tally_progress(batch, verdicts, known)
             # A batch cut short by a lost lease is not the last, whatever was read.
             last = last and not lease.lost.is_set()
             # After the last batch the tally often proves the outcome: end in the same write.
@@ -310,6 +364,19 @@ class OutgoingRunner:
         if not ended:
             self._conclude(lease, summary, post_failure, _last_reply(refusals), unsaved)
 
+    def _tally_progress(self, batch: dict[str, int], verdicts: Verdicts, known: Prefetched) -> None:
+        tracked = self._progress
+        assert tracked is not None
+        tracked.transactions += verdicts.transactions
+        for (status, code, text), addresses in verdicts.groups.items():
+            if status != RStatus.SENT:
+                tracked.note_error(f"{code} {text}" if code else text)
+            for address in addresses:
+                if address in batch:
+                    tracked.moved(status, batch[address] in known.deferred)
+        if verdicts.post_failure:
+            tracked.note_error(verdicts.post_failure.reason)
+
     def _prefetch_recipients(self, rows: list[OutgoingMessage]) -> dict[int, Prefetched]:
         """The open recipients of all the claimed posts, in one query of at most
         ``PREFETCH_LIMIT`` rows.
@@ -321,7 +388,7 @@ class OutgoingRunner:
         found = list(
             OutgoingRecipient.objects.filter(message__in=rows, status__in=OutgoingRecipient.OPEN)
             .order_by("message_id", "id")
-            .values_list("message_id", "id", "address")[: PREFETCH_LIMIT + 1]
+            .values_list("message_id", "id", "address", "status")[: PREFETCH_LIMIT + 1]
         )
         cut = found[PREFETCH_LIMIT][0] if len(found) > PREFETCH_LIMIT else None
         known = {
@@ -329,17 +396,22 @@ class OutgoingRunner:
             for row in rows
             if cut is None or row.pk <= cut
         }
-        for message_id, pk, address in found[:PREFETCH_LIMIT]:
+        for message_id, pk, address, status in found[:PREFETCH_LIMIT]:
             known[message_id].recipients[address] = pk
+            if status == RStatus.DEFERRED:
+                known[message_id].deferred.add(pk)
         return known
 
     def _open_recipients(
-        self, row: OutgoingMessage, batch_size: int | None, known: Prefetched | None = None
+        self, row: OutgoingMessage, batch_size: int | None, known: Prefetched
     ) -> Iterator[tuple[dict[str, int], bool]]:
-        """``(batch, is the last)`` of recipients still to send, by keyset: each visited once per run."""
+        """``(batch, is the last)`` of recipients still to send, by keyset: each visited once per run.
+
+        The ids of those deferred before go into ``known.deferred``.
+        """
         cursor = 0
         # Without a batch size everyone goes in one transaction: only a complete read will do.
-        if known is not None and (batch_size or known.complete):
+        if (known.recipients or known.complete) and (batch_size or known.complete):
             items = list(known.recipients.items())
             size = batch_size or len(items) or 1
             if not known.complete:
@@ -359,11 +431,15 @@ class OutgoingRunner:
                     message=row, status__in=OutgoingRecipient.OPEN, id__gt=cursor
                 )
                 .order_by("id")
-                .values_list("id", "address")
+                .values_list("id", "address", "status")
             )
             if batch_size:
                 page = page[:batch_size]
-            batch = {address: pk for pk, address in page}
+            batch = {}
+            for pk, address, status in page:
+                batch[address] = pk
+                if status == RStatus.DEFERRED:
+                    known.deferred.add(pk)
             if not batch:
                 return
             last = not batch_size or len(batch) < batch_size
@@ -436,19 +512,35 @@ class OutgoingRunner:
         Should that transaction fail, the recipients the server accepted are
         recorded on their own before the error goes on: they must never be sent again.
         """
-        groups = verdicts.groups
+        groups = dict(verdicts.groups)
         sent = [batch[a] for a in groups.pop((RStatus.SENT, None, ""), []) if a in batch]
+        answered = Counter()
+        for (status, _code, _text), addresses in groups.items():
+            answered[status] += sum(1 for a in addresses if a in batch)
+        tracked = self._progress
+        assert tracked is not None
         try:
             with transaction.atomic():
                 _record_sent(sent)
                 self._record_refusals(mlist, post, batch, groups)
+                progress.add_to_hour(
+                    mlist.list_id,
+                    sent=len(sent),
+                    bounced=answered[RStatus.BOUNCED],
+                    failed=answered[RStatus.FAILED],
+                )
                 if ending:
                     kept = self._end(lease, summary, ending, **unsaved)
                 else:
-                    kept = lease.fenced().update(leased_until=lease.expiry(), **unsaved)
+                    kept = lease.fenced().update(
+                        leased_until=lease.expiry(),
+                        updated_at=timezone.now(),
+                        **tracked.fields(),
+                        **unsaved,
+                    )
         except DatabaseError:
             with transaction.atomic():
-                _record_sent(sent)
+                progress.add_to_hour(mlist.list_id, sent=_record_sent(sent))
             raise
         if not kept:
             lease.lost.set()
@@ -514,6 +606,8 @@ class OutgoingRunner:
         if not counts:
             self._discard(lease, summary, "no recipients: nothing to deliver")
             return
+        if self._progress is not None:
+            self._progress.counts = counts
         still_open = counts.get(RStatus.PENDING, 0) + counts.get(RStatus.DEFERRED, 0)
         ending = self._ending(
             row, still_open, bool(counts.get(RStatus.SENT)), post_failure, last_reply
@@ -545,6 +639,7 @@ class OutgoingRunner:
                 Status.HELD,
                 f"{post_failure.reason} (held until an administrator retries it)",
                 {"next_attempt_at": None, "last_failure_count": still_open},
+                problem=post_failure.kind,
             )
         now = timezone.now()
         deadline = row.deliver_until
@@ -557,8 +652,10 @@ class OutgoingRunner:
                 f"{self.config['DELIVERY_RETRY_PERIOD']} without progress"
             )
             return Ending(Status.FAILED, reason, {"finished_at": now}, give_up=True)
+        problem = ""
         if post_failure:
             status, reason = post_failure.status, post_failure.reason
+            problem = post_failure.kind
             verb = "Holding" if status == Status.HELD else "Will retry"
             logger.error("%s %s: %s", verb, _label(row), reason)
         else:
@@ -572,6 +669,7 @@ class OutgoingRunner:
                 "deliver_until": deadline,
                 "last_failure_count": still_open,
             },
+            problem=problem,
         )
 
     def _end(self, lease: Lease, summary: RunSummary, ending: Ending, **fields: Any) -> bool:
@@ -579,18 +677,57 @@ class OutgoingRunner:
         row = lease.row
         now = timezone.now()
         if ending.give_up:
-            OutgoingRecipient.objects.filter(message=row, status__in=OutgoingRecipient.OPEN).update(
+            still_open = OutgoingRecipient.objects.filter(message=row)
+            # The deferred keep the server's last reply to them; the others get the reason.
+            given_up = still_open.filter(status=RStatus.DEFERRED).update(
+                status=RStatus.FAILED, finished_at=now
+            )
+            given_up += still_open.filter(status=RStatus.PENDING).update(
                 status=RStatus.FAILED, smtp_message=storable_text(ending.error), finished_at=now
             )
+            progress.add_to_hour(row.list_id, failed=given_up)
+        if ending.give_up or self._progress is None:
+            counts = progress.count_fields(progress.count(row))
+        else:
+            counts = progress.count_fields(self._progress.counts)
         error = storable_text(ending.error, 10_000)
         if not lease.end(
-            status=ending.status, last_error=error, updated_at=now, **ending.fields, **fields
+            status=ending.status,
+            last_error=error,
+            updated_at=now,
+            problem=ending.problem,
+            rate=None,
+            finish_estimate=None,
+            **counts,
+            **ending.fields,
+            **fields,
         ):
             return False
         row.status, row.last_error = ending.status, error
+        self._record_attempt(row, ending.status, error)
         summary.count(ending.status)
         _announce(row, ending)
         return True
+
+    def _record_attempt(self, row: OutgoingMessage, outcome: str, reason: str) -> None:
+        """One row of the post's attempt history (inside the caller's transaction)."""
+        tracked = self._progress
+        tally = tracked.tally if tracked else {}
+        DeliveryAttempt.objects.create(
+            message_id=row.pk,
+            number=row.attempts,
+            runner=self.name,
+            started_at=row.sending_since or timezone.now(),
+            finished_at=timezone.now(),
+            accepted=tally.get(RStatus.SENT, 0),
+            deferred=tally.get(RStatus.DEFERRED, 0),
+            bounced=tally.get(RStatus.BOUNCED, 0),
+            failed=tally.get(RStatus.FAILED, 0),
+            transactions=tracked.transactions if tracked else 0,
+            first_error=storable_text(tracked.first_error if tracked else ""),
+            outcome=outcome,
+            reason=reason,
+        )
 
     def _backoff(self, row: OutgoingMessage) -> datetime:
         """Exponential, from ``DELIVERY_RETRY_DELAY`` up to ``DELIVERY_RETRY_MAX_DELAY``, with jitter."""
@@ -676,12 +813,25 @@ def _announce(row: OutgoingMessage, ending: Ending) -> None:
     signals.send_on_commit(signal, OutgoingMessage, **arguments)
 
 
-def _record_sent(ids: list[int]) -> None:
+def _record_sent(ids: list[int]) -> int:
     """What the server accepted is a fact, whoever holds the post now: never fenced."""
+    changed = 0
     for chunk in _chunks(ids):
-        OutgoingRecipient.objects.filter(id__in=chunk).exclude(status=RStatus.SENT).update(
-            status=RStatus.SENT, smtp_code=None, smtp_message="", finished_at=timezone.now()
+        changed += (
+            OutgoingRecipient.objects.filter(id__in=chunk)
+            .exclude(status=RStatus.SENT)
+            .update(
+                status=RStatus.SENT, smtp_code=None, smtp_message="", finished_at=timezone.now()
+            )
         )
+    return changed
+
+
+_STOPPED = {
+    Status.PAUSED: "paused by an administrator",
+    Status.DISCARDED: "cancelled by an administrator",
+    "lost": "the lease ran out and another runner took the post over",
+}
 
 
 def _last_reply(refusals: list[tuple[str, int | None, str]]) -> str:

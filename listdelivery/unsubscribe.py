@@ -13,6 +13,7 @@ from __future__ import annotations
 from django.core import signing
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
@@ -40,7 +41,7 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     if request.method == "GET":
         return _page(request, "confirm", member=member)
     changed = Member.objects.filter(pk=member.pk, delivery_status=DeliveryStatus.ENABLED).update(
-        delivery_status=DeliveryStatus.BY_USER
+        delivery_status=DeliveryStatus.BY_USER, disabled_at=timezone.now()
     )
     if changed:
         member.delivery_status = DeliveryStatus.BY_USER

@@ -284,4 +284,4 @@ def test_a_claimed_post_whose_lease_ran_out_while_waiting_is_not_sent(
 
     assert [m.rcpt_tos for m in smtpd.messages] == [["one@example.com"]]
     second.refresh_from_db()
-    assert (second.status, second.lease_token) == (Status.QUEUED, "another-runner")
+    assert (second.status, second.lease_token) == (Status.SENDING, "another-runner")
