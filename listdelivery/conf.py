@@ -68,6 +68,47 @@ DEFAULTS: dict[str, Any] = {
     "Q_CLUSTER": "",
 }
 
+#: What each setting does, in one sentence, for the dashboard (and anyone reading this file).
+DESCRIPTIONS: dict[str, str] = {
+    "SMTP_HOST": "The upstream SMTP server every post is handed to.",
+    "SMTP_PORT": "The port of the upstream SMTP server.",
+    "SMTP_USER": "Login name at the SMTP server; we log in only when user and password are both set.",
+    "SMTP_PASSWORD": "Password at the SMTP server; never shown on a page, in a log or in an error.",
+    "SMTP_SECURE_MODE": "smtp (plain), starttls (upgrade the connection), or smtps (TLS from the start).",
+    "SMTP_VERIFY_CERT": "With TLS, refuse a server whose certificate is not valid.",
+    "SMTP_VERIFY_HOSTNAME": "With TLS, refuse a certificate made out for another host name.",
+    "SMTP_TIMEOUT": "How long to wait for the server before taking it as a temporary failure.",
+    "SMTP_EHLO_NAME": "The name we give in EHLO; empty: this machine's fully qualified name.",
+    "MAX_RECIPIENTS": "Most recipients in one SMTP transaction of a bulk post; 0: all of them at once.",
+    "MAX_SESSIONS_PER_CONNECTION": "Transactions on one connection before it is reopened; 0: no limit.",
+    "DELIVERY_RETRY_PERIOD": "Give up on recipients that failed temporarily when they made no progress "
+    "for this long.",
+    "DELIVERY_RETRY_DELAY": "Wait before the first retry; the wait doubles at every attempt.",
+    "DELIVERY_RETRY_MAX_DELAY": "The longest wait between two retries.",
+    "VERP_DELIMITER": "Separates the bounces address from the recipient encoded after it.",
+    "VERP_FORMAT": "How a VERP'd envelope sender is written; @ and the list's domain follow it.",
+    "VERP_PERSONALIZED_DELIVERIES": "VERP every post of a personalized list.",
+    "VERP_DELIVERY_INTERVAL": "Lists without personalization: 0 never VERP, 1 always, N every Nth post.",
+    "BOUNCE_SCORE_THRESHOLD": "A member whose bounce score reaches this has delivery disabled.",
+    "BOUNCE_INFO_STALE_AFTER": "A bounce score older than this starts again from 1.",
+    "UNSUBSCRIBE_BASE_URL": "Where the site serves listdelivery's pages; when set, personalized "
+    "copies carry a one-click unsubscribe link.",
+    "UNSUBSCRIBE_TOKEN_MAX_AGE": "How long a one-click unsubscribe link keeps working.",
+    "BULK_DELIVERY": "The delivery module for posts sent as one copy to many (a dotted path).",
+    "INDIVIDUAL_DELIVERY": "The delivery module for personalized or VERP'd posts (a dotted path).",
+    "SMTP_CONNECTIONS": "SMTP connections one runner uses at the same time.",
+    "LEASE_DURATION": "How long a post stays with a runner that stopped answering before another "
+    "takes it over.",
+    "CHECKPOINT_EVERY": "SMTP transactions between two saves of progress: the most a crash can "
+    "send twice.",
+    "CLAIM_BATCH": "Posts a runner takes from the queue at once.",
+    "UNEXPECTED_ERROR_LIMIT": "Attempts in a row ending in an error of listdelivery itself before "
+    "the post fails with it.",
+    "ENQUEUE_TASKS": "Start a django-q2 task as soon as a post is queued.",
+    "Q_CLUSTER": "The django-q2 cluster (one of ALT_CLUSTERS) for our tasks; empty: the site's own.",
+    "METRICS_TOKEN": "Bearer token for the Prometheus metrics endpoint; empty: staff login only.",
+}
+
 DURATION_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, timedelta))
 INTEGER_KEYS = frozenset(
     k for k, v in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)
