@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     # A cluster of the host's Q_CLUSTER["ALT_CLUSTERS"] for our tasks and the sweep; empty:
     # the host's own cluster.
     "Q_CLUSTER": "",
+    # Bearer token for the Prometheus endpoint metrics/; empty: staff login only.
+    "METRICS_TOKEN": "",
 }
 
 #: What each setting does, in one sentence, for the dashboard (and anyone reading this file).
@@ -114,7 +116,7 @@ INTEGER_KEYS = frozenset(
     k for k, v in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)
 )
 BOOLEAN_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, bool))
-SECRET_KEYS = frozenset({"SMTP_PASSWORD"})
+SECRET_KEYS = frozenset({"SMTP_PASSWORD", "METRICS_TOKEN"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([wdhms]?)\s*$", re.IGNORECASE)
 _UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
