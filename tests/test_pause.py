@@ -13,13 +13,21 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from listdelivery import progress
 from listdelivery.admin import discard_posts, pause_posts, resume_posts
-from listdelivery.models import MailingList, Member, OutgoingMessage, Personalization
+from listdelivery.models import (
+    MailingList,
+    Member,
+    OutgoingMessage,
+    OutgoingRecipient,
+    Personalization,
+)
 from listdelivery.pipeline import member_recipients, to_outgoing
 
 from .conftest import THREE, deliver_pending, queue_post, run, subprocess_environment
 
 Status = OutgoingMessage.Status
+RStatus = OutgoingRecipient.Status
 
 
 def only(row: OutgoingMessage):
@@ -154,7 +162,7 @@ def test_twenty_pause_and_resume_cycles_and_a_kill_give_every_member_one_copy(sm
     """After the cycles every member has exactly one copy; the kill -9 may repeat only the one
     batch it had in flight (the guarantee's bound), never anything because of a pause."""
     checkpoint = 50
-    size = 6000
+    size = 20_000
     row = big_post(size)
     environment = subprocess_environment(smtpd, CHECKPOINT_EVERY=checkpoint, LEASE_DURATION=2)
     pick = random.Random(12)
@@ -180,3 +188,10 @@ def test_twenty_pause_and_resume_cycles_and_a_kill_give_every_member_one_copy(sm
     duplicates = sum(n - 1 for n in counts.values())
     assert killed_with is not None and killed_with < size, "the kill came after the end"
     assert duplicates <= checkpoint, f"{duplicates} duplicates: more than the killed batch"
+    # The counters the page shows match the recipients, and the history tells the story:
+    # the pauses, and one attempt that left no record (the killed runner's).
+    assert (row.recipient_count, row.sent_count, row.open_count) == (size, size, 0)
+    assert progress.count(row) == {RStatus.SENT: size}
+    outcomes = list(row.attempt_log.values_list("outcome", flat=True))
+    assert outcomes.count(Status.PAUSED) >= 15 and outcomes[-1] == Status.DELIVERED
+    assert row.attempts - len(outcomes) >= 1, "the killed runner's attempt has no record"
