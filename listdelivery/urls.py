@@ -2,10 +2,11 @@
 
 from django.urls import path
 
-from . import unsubscribe
+from . import metrics, unsubscribe
 
 app_name = "listdelivery"
 
 urlpatterns = [
     path("unsubscribe/<str:token>/", unsubscribe.unsubscribe, name="unsubscribe"),
+    path("metrics/", metrics.metrics, name="metrics"),
 ]
