@@ -32,6 +32,7 @@ Ids are stable and documented in the README:
   ``listdelivery.urls``: every one-click unsubscribe link would be a 404.
 - ``listdelivery.W009`` the database is SQLite without ``IMMEDIATE`` transactions or a lock
   timeout of 20 seconds or more, while django-q2's workers will write beside other processes.
+- ``listdelivery.W010`` ``METRICS_TOKEN`` is set but shorter than 32 characters: guessable.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ MINIMUMS = {
     "BOUNCE_SCORE_THRESHOLD": 1,
     "UNEXPECTED_ERROR_LIMIT": 1,
 }
+METRICS_TOKEN_MINIMUM = 32
 
 
 def _error(key: str, message: str, number: int, hint: str | None = None) -> checks.Error:
@@ -180,6 +182,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 "Only one of LISTDELIVERY['SMTP_USER'] and LISTDELIVERY['SMTP_PASSWORD'] is set: "
                 "listdelivery logs in only when both are.",
                 3,
+            )
+        )
+    if 0 < len(config["METRICS_TOKEN"]) < METRICS_TOKEN_MINIMUM:
+        found.append(
+            _warning(
+                f"LISTDELIVERY['METRICS_TOKEN'] is shorter than {METRICS_TOKEN_MINIMUM} "
+                "characters: anyone who guesses it reads the delivery metrics.",
+                10,
+                hint="Use a random token, e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'.",
             )
         )
     return found

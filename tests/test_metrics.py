@@ -387,3 +387,17 @@ def test_a_post_a_runner_is_sending_shows_its_progress_while_it_goes(client, smt
         "listdelivery_sending_post_progress_ratio",
         tuple(sorted(labels.items())),
     ) not in samples
+
+
+def test_a_short_metrics_token_is_warned_about_without_showing_it(settings):
+    from listdelivery.checks import check_settings
+
+    settings.LISTDELIVERY = {"METRICS_TOKEN": "hunter2"}
+    warnings = [m for m in check_settings() if m.id == "listdelivery.W010"]
+    assert len(warnings) == 1
+    assert "hunter2" not in warnings[0].msg + (warnings[0].hint or "")
+
+    settings.LISTDELIVERY = {"METRICS_TOKEN": TOKEN}
+    assert not [m for m in check_settings() if m.id == "listdelivery.W010"]
+    settings.LISTDELIVERY = {}
+    assert not [m for m in check_settings() if m.id == "listdelivery.W010"]
