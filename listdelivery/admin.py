@@ -326,7 +326,7 @@ class MailingListAdmin(admin.ModelAdmin):
             **self.admin_site.each_context(request),
             "title": _("Delivery dashboard"),
             "opts": self.opts,
-            **dashboard.context(),
+            **dashboard.context(request),
         }
         return TemplateResponse(request, "listdelivery/admin/dashboard.html", context)
 

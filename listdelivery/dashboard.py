@@ -1,31 +1,33 @@
-"""What the delivery dashboard in the admin shows: settings, the queue, counters, a chart.
+"""What the delivery dashboard in the admin shows: posts being sent, the queue, charts, settings.
 
-Each function is one small read of the database (one aggregate query at
-most), so the page costs the same with ten posts or ten thousand.
+Each section is one query at most (the charts read the hourly totals of
+:class:`~listdelivery.models.DeliveryHour`, never the recipients), so the page
+costs the same few queries with ten posts or ten million recipients.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
+from urllib.parse import urlencode
 
 from django.conf import settings
-from django.db.models import Count, Min, Q
-from django.db.models.functions import TruncDate, TruncHour
+from django.db.models import Count, F, Min, Q, Sum
+from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from . import conf
-from .models import MailingList, OutgoingMessage, OutgoingRecipient
+from .models import DeliveryHour, MailingList, OutgoingMessage
 
 Status = OutgoingMessage.Status
-RStatus = OutgoingRecipient.Status
 
 MASK = "••••••"
 VERP_KEYS = (
@@ -34,14 +36,19 @@ VERP_KEYS = (
     "VERP_PERSONALIZED_DELIVERIES",
     "VERP_DELIVERY_INTERVAL",
 )
+#: Posts listed under "Sending now"; the section says how many more there are.
+SENDING_ROWS = 20
 
 
 def can_view(user: Any) -> bool:
     """Whoever may see the lists or the queue may see the dashboard."""
-    return any(
-        user.has_perm(f"listdelivery.{action}_{model}")
-        for model in ("mailinglist", "outgoingmessage")
-        for action in ("view", "change")
+    return may_open(user, "mailinglist") or may_open(user, "outgoingmessage")
+
+
+def may_open(user: Any, model: str) -> bool:
+    """May ``user`` open the admin pages of ``model`` (view or change permission)?"""
+    return user.has_perm(f"listdelivery.view_{model}") or user.has_perm(
+        f"listdelivery.change_{model}"
     )
 
 
@@ -54,6 +61,7 @@ class SettingRow:
     value: str
     source: str
     problem: str = ""
+    description: str = ""
 
 
 def setting_rows() -> list[SettingRow]:
@@ -79,7 +87,8 @@ def setting_rows() -> list[SettingRow]:
             shown = str(value)
         else:
             shown = display_value(value)
-        rows.append(SettingRow(key, shown, str(source), problem))
+        description = conf.DESCRIPTIONS.get(key, "")
+        rows.append(SettingRow(key, shown, str(source), problem, description))
     return rows
 
 
@@ -121,53 +130,111 @@ def human_duration(value: timedelta) -> str:
     return ", ".join(parts)
 
 
-# -- the queue and the counters ----------------------------------------------------
+# -- the queue, the posts being sent, the counters ------------------------------------
+
+#: The queue table's columns: (count name, status it filters the change list on, heading).
+QUEUE_COLUMNS = (
+    ("queued", Status.QUEUED, _("Queued")),
+    ("sending", Status.SENDING, _("Sending")),
+    ("retrying", Status.RETRY, _("Retrying")),
+    ("held", Status.HELD, _("Held")),
+    ("paused", Status.PAUSED, _("Paused")),
+)
 
 
-def retry_queue() -> dict[str, Any]:
-    """Waiting and paused posts by list (queued, retrying, held, paused, oldest, next due)."""
+def retry_queue(posts_url: str = "") -> dict[str, Any]:
+    """Waiting, sending and paused posts by list: counts, oldest, next due. One query.
+
+    With ``posts_url`` (the queue's change list, for a user who may open it) every
+    count gets the link to the posts it counts: ``cells`` is ``[(count, url), …]``
+    in the order of :data:`QUEUE_COLUMNS`.
+    """
     by_list = list(
         OutgoingMessage.objects.filter(status__in=(*OutgoingMessage.WAITING, Status.PAUSED))
         .values("list_id", "mailing_list")
         .annotate(
             total=Count("pk"),
-            queued=Count("pk", filter=Q(status=Status.QUEUED)),
-            retrying=Count("pk", filter=Q(status=Status.RETRY)),
-            held=Count("pk", filter=Q(status=Status.HELD)),
-            paused=Count("pk", filter=Q(status=Status.PAUSED)),
+            **{
+                name: Count("pk", filter=Q(status=status))
+                for name, status, _heading in QUEUE_COLUMNS
+            },
             oldest=Min("created_at"),
             next_due=Min("next_attempt_at"),
         )
         .order_by("list_id")
     )
-    totals = {
+    totals: dict[str, Any] = {
         name: sum(row[name] for row in by_list)
-        for name in ("total", "queued", "retrying", "held", "paused")
+        for name in ("total", *(name for name, _status, _heading in QUEUE_COLUMNS))
     }
     totals["oldest"] = min((row["oldest"] for row in by_list), default=None)
     totals["next_due"] = min((row["next_due"] for row in by_list), default=None)
+    for row in by_list:
+        # A post whose list was deleted keeps its list ID; the change list filters on it.
+        where = (
+            {"mailing_list__id__exact": row["mailing_list"]}
+            if row["mailing_list"]
+            else {"list_id__exact": row["list_id"]}
+        )
+        row["cells"] = _cells(row, posts_url, where)
+    totals["cells"] = _cells(totals, posts_url, {})
     return {"by_list": by_list, "totals": totals}
+
+
+def _cells(counts: dict[str, Any], posts_url: str, where: dict[str, Any]) -> list[tuple[int, str]]:
+    return [
+        (
+            counts[name],
+            f"{posts_url}?{urlencode({'status__exact': status, **where})}"
+            if posts_url and counts[name]
+            else "",
+        )
+        for name, status, _heading in QUEUE_COLUMNS
+    ]
+
+
+def sending_now(limit: int = SENDING_ROWS) -> list[OutgoingMessage]:
+    """The posts runners are delivering right now, longest-running first: one query."""
+    return list(
+        OutgoingMessage.objects.filter(status=Status.SENDING)
+        .only(
+            "list_id",
+            "subject",
+            "message_id",
+            "status",
+            "recipient_count",
+            "sent_count",
+            "deferred_count",
+            "bounced_count",
+            "failed_count",
+            "sending_since",
+            "rate",
+            "finish_estimate",
+            "leased_until",
+            "updated_at",
+        )
+        .order_by(F("sending_since").asc(nulls_last=True), "pk")[:limit]
+    )
 
 
 def post_counters() -> list[MailingList]:
     return list(
         MailingList.objects.only(
-            "address", "display_name", "personalize", "post_id", "last_post_at"
+            "address", "list_id", "display_name", "personalize", "post_id", "last_post_at"
         ).order_by("address")
     )
 
 
-# -- the chart ------------------------------------------------------------------
+# -- the charts -----------------------------------------------------------------
 
 
 @dataclass
 class Bar:
     label: str
     sent: int
-    failed: int
+    failed: int  # refused (bounced) or failed
     x: str = ""
     width: str = ""
-    failed_x: str = ""
     sent_y: str = ""
     sent_height: str = ""
     failed_y: str = ""
@@ -177,27 +244,57 @@ class Bar:
 
 
 @dataclass
+class Panel:
+    """One band of the chart with its own vertical scale: accepted, or refused and failed."""
+
+    top: int
+    bottom: int
+    peak: int = 0
+    top_value: int = 1  # the value at the top gridline
+    gridlines: list[tuple[str, str]] = field(default_factory=list)  # (y, label)
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def label_y(self) -> int:
+        return self.top - 6
+
+    def scale(self, peak: int, lines: int) -> None:
+        values = nice_axis(peak, lines)
+        self.peak, self.top_value = peak, max(values[-1], 1)
+        self.gridlines = [
+            (_n(self.bottom - self.bar_height(value)), short_number(value)) for value in values
+        ]
+
+    def bar_height(self, value: int) -> float:
+        """Height of a bar on this panel's axis; never invisible when the value is not zero."""
+        height = value / self.top_value * self.height
+        return max(height, MIN_BAR_HEIGHT) if value else 0.0
+
+
+MIN_BAR_HEIGHT = 2.0  # pixels of the 720-wide view box: a single failure stays visible
+
+
+@dataclass
 class Chart:
     slug: str
     title: str
+    empty_text: str
     bars: list[Bar]
-    peak: int = 0
     sent: int = 0
     failed: int = 0
     width: int = 720
-    height: int = 200
-    left: int = 44
-    top: int = 12
-    bottom: int = 28
-    gridlines: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def plot_bottom(self) -> int:
-        return self.height - self.bottom
+    height: int = 250
+    left: int = 48
+    right: int = 8
+    accepted: Panel = field(default_factory=lambda: Panel(top=18, bottom=150))
+    refused: Panel = field(default_factory=lambda: Panel(top=178, bottom=222))
 
     @property
     def plot_right(self) -> int:
-        return self.width - 8
+        return self.width - self.right
 
     @property
     def axis_x(self) -> int:
@@ -207,73 +304,131 @@ class Chart:
     def label_y(self) -> int:
         return self.height - 8
 
+    @property
+    def empty(self) -> bool:
+        return not (self.sent or self.failed)
 
-SENT = Q(status=RStatus.SENT)
-FAILED = Q(status__in=(RStatus.BOUNCED, RStatus.FAILED))
+    @property
+    def panels(self) -> list[tuple[Panel, str]]:
+        return [(self.accepted, str(_("accepted"))), (self.refused, str(_("refused or failed")))]
 
 
-def _activity(trunc: Callable[[str], Any], since: datetime) -> dict[Any, tuple[int, int]]:
-    """``{bucket: (accepted, failed)}`` for recipients finished since ``since``: one query."""
-    rows = (
-        OutgoingRecipient.objects.filter(finished_at__gte=since)
-        .annotate(bucket=trunc("finished_at"))
-        .values("bucket")
-        .annotate(sent=Count("pk", filter=SENT), failed=Count("pk", filter=FAILED))
-        .order_by("bucket")
+def nice_axis(peak: int, lines: int) -> list[int]:
+    """Gridline values from 0 to at least ``peak`` in whole steps of 1, 2 or 5 × 10ⁿ.
+
+    About ``lines`` steps: 20,000 in 4 gives 0, 5k, 10k, 15k, 20k; 3 gives 0, 1, 2, 3.
+    """
+    if peak <= 0:
+        return [0]
+    raw = max(peak / lines, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    top = math.ceil(peak / step) * step
+    return list(range(0, top + 1, step))
+
+
+def short_number(value: int) -> str:
+    """An axis label: ``950``, ``10k``, ``1.5M``."""
+    for size, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if value >= size:
+            return f"{value / size:.1f}".removesuffix(".0") + suffix
+    return str(value)
+
+
+def hourly_totals(since: datetime, list_id: str = "") -> dict[datetime, tuple[int, int]]:
+    """``{UTC hour: (accepted, refused or failed)}`` from ``since`` on, for one list or all.
+
+    One query over at most 24 × 31 rows per list (the hourly totals, never the recipients).
+    """
+    rows = DeliveryHour.objects.filter(hour__gte=since)
+    if list_id:
+        rows = rows.filter(list_id=list_id)
+    summed = (
+        rows.values("hour")
+        .annotate(sent_sum=Sum("sent"), failed_sum=Sum("bounced") + Sum("failed"))
+        .order_by("hour")
     )
-    return {_key(row["bucket"]): (row["sent"], row["failed"]) for row in rows}
+    return {
+        row["hour"].astimezone(dt_timezone.utc): (row["sent_sum"], row["failed_sum"])
+        for row in summed
+    }
 
 
-def _key(bucket: date | datetime) -> date | datetime:
-    return bucket.astimezone(dt_timezone.utc) if isinstance(bucket, datetime) else bucket
-
-
-def last_24_hours(now: datetime | None = None) -> Chart:
+def charts(now: datetime | None = None, list_id: str = "") -> list[Chart]:
+    """The last 24 hours by hour and the last 30 days by local day, from one query."""
     now = timezone.localtime(now)
-    first = now.replace(minute=0, second=0, microsecond=0).astimezone(dt_timezone.utc)
-    first -= timedelta(hours=23)
-    hours = [first + timedelta(hours=i) for i in range(24)]
-    counts = _activity(TruncHour, first)
+    this_hour = now.astimezone(dt_timezone.utc).replace(minute=0, second=0, microsecond=0)
+    today = now.date()
+    first_day = today - timedelta(days=29)
+    day_start = timezone.make_aware(datetime.combine(first_day, time.min))
+    since = min(
+        day_start.astimezone(dt_timezone.utc).replace(minute=0, second=0, microsecond=0),
+        this_hour - timedelta(hours=23),
+    )
+    totals = hourly_totals(since, list_id)
+    return [last_24_hours(totals, this_hour), last_30_days(totals, first_day)]
+
+
+def last_24_hours(totals: dict[datetime, tuple[int, int]], this_hour: datetime) -> Chart:
+    hours = [this_hour - timedelta(hours=23 - i) for i in range(24)]
     bars = [
-        Bar(date_format(timezone.localtime(hour), "H:i"), *counts.get(hour, (0, 0)))
+        Bar(date_format(timezone.localtime(hour), "H:i"), *totals.get(hour, (0, 0)))
         for hour in hours
     ]
-    return _layout(Chart("hours", str(_("Last 24 hours, by hour")), bars), label_every=6)
+    chart = Chart(
+        "hours",
+        str(_("Last 24 hours, by hour")),
+        str(_("No deliveries in the last 24 hours.")),
+        bars,
+    )
+    return _layout(chart, label_every=6)
 
 
-def last_30_days(now: datetime | None = None) -> Chart:
-    today = timezone.localdate(now)
-    days = [today - timedelta(days=29 - i) for i in range(30)]
-    since = timezone.make_aware(datetime.combine(days[0], time.min))
-    counts = _activity(TruncDate, since)
-    bars = [Bar(date_format(day, "M j"), *counts.get(day, (0, 0))) for day in days]
-    return _layout(Chart("days", str(_("Last 30 days, by day")), bars), label_every=5)
+def last_30_days(totals: dict[datetime, tuple[int, int]], first_day: date) -> Chart:
+    # An hour's totals count on the local day its UTC hour starts in. Where the offset is
+    # not whole hours (India's +5:30, Nepal's +5:45) an hour straddles midnight, so up to
+    # 45 minutes of one day's deliveries are counted on the day before; the hourly rows
+    # cannot be split more finely than that.
+    by_day: dict[date, list[int]] = {}
+    for hour, (sent, failed) in totals.items():
+        day = timezone.localtime(hour).date()
+        counts = by_day.setdefault(day, [0, 0])
+        counts[0] += sent
+        counts[1] += failed
+    days = [first_day + timedelta(days=i) for i in range(30)]
+    bars = [Bar(date_format(day, "M j"), *by_day.get(day, (0, 0))) for day in days]
+    chart = Chart(
+        "days",
+        str(_("Last 30 days, by day")),
+        str(_("No deliveries in the last 30 days.")),
+        bars,
+    )
+    return _layout(chart, label_every=5)
 
 
 def _layout(chart: Chart, label_every: int) -> Chart:
-    """Place the bars: two side by side per bucket, scaled to the busiest series."""
+    """Place the bars: accepted on the upper panel, refused or failed below, each on its axis.
+
+    The failures have their own scale so that three refusals stay readable next to a
+    day of 20,000 accepted recipients; both axes are labelled, and the exact counts are
+    in each bar's title and in the table under the chart.
+    """
     bars = chart.bars
     chart.sent = sum(bar.sent for bar in bars)
     chart.failed = sum(bar.failed for bar in bars)
-    chart.peak = max((max(bar.sent, bar.failed) for bar in bars), default=0)
-    scale = max(chart.peak, 1)
-    plot_width = chart.plot_right - chart.left
-    plot_height = chart.plot_bottom - chart.top
-    slot = plot_width / len(bars)
+    chart.accepted.scale(max((bar.sent for bar in bars), default=0), lines=4)
+    chart.refused.scale(max((bar.failed for bar in bars), default=0), lines=2)
+    slot = (chart.plot_right - chart.left) / len(bars)
     for i, bar in enumerate(bars):
-        x = chart.left + i * slot + slot * 0.1
-        sent_height = bar.sent / scale * plot_height
-        failed_height = bar.failed / scale * plot_height
-        bar.x, bar.width, bar.failed_x = _n(x), _n(slot * 0.4), _n(x + slot * 0.4)
-        bar.sent_height, bar.sent_y = _n(sent_height), _n(chart.plot_bottom - sent_height)
-        bar.failed_height, bar.failed_y = _n(failed_height), _n(chart.plot_bottom - failed_height)
+        x = chart.left + i * slot + slot * 0.15
+        sent_height = chart.accepted.bar_height(bar.sent)
+        failed_height = chart.refused.bar_height(bar.failed)
+        bar.x, bar.width = _n(x), _n(slot * 0.7)
+        bar.sent_height, bar.sent_y = _n(sent_height), _n(chart.accepted.bottom - sent_height)
+        bar.failed_height = _n(failed_height)
+        bar.failed_y = _n(chart.refused.bottom - failed_height)
         bar.label_x = _n(chart.left + (i + 0.5) * slot)
         bar.show_label = (len(bars) - 1 - i) % label_every == 0
-    chart.gridlines = [
-        (_n(chart.top), str(chart.peak) if chart.peak else ""),
-        (_n(chart.top + plot_height / 2), f"{chart.peak / 2:g}" if chart.peak else ""),
-        (_n(chart.plot_bottom), "0"),
-    ]
     return chart
 
 
@@ -282,16 +437,42 @@ def _n(number: float) -> str:
     return f"{number:.1f}"
 
 
-def context(now: datetime | None = None) -> dict[str, Any]:
-    """Everything the dashboard template shows."""
+# -- the page ---------------------------------------------------------------------
+
+
+def context(request: HttpRequest | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """Everything the dashboard template shows, for the user of ``request``.
+
+    ``?list=<pk>`` charts one list. Links go only where the user may go: the queue's
+    pages with view or change permission on posts, a list's page with it on lists.
+    """
+    user = request.user if request is not None else None
+    may_open_posts = user is not None and may_open(user, "outgoingmessage")
+    may_open_lists = user is not None and may_open(user, "mailinglist")
+    posts_url = reverse("admin:listdelivery_outgoingmessage_changelist") if may_open_posts else ""
+    lists = post_counters()
+    chosen = _chosen_list(lists, request.GET.get("list", "") if request is not None else "")
+    queue = retry_queue(posts_url)
     rows = setting_rows()
     return {
+        "may_open_posts": may_open_posts,
+        "may_open_lists": may_open_lists,
+        "queue": queue,
+        "queue_columns": [heading for _name, _status, heading in QUEUE_COLUMNS],
+        "sending": sending_now(),
+        "sending_more": max(queue["totals"]["sending"] - SENDING_ROWS, 0),
+        "counters": lists,
+        "chosen_list": chosen,
+        "charts": charts(now, chosen.list_id if chosen else ""),
+        "time_zone": timezone.get_current_timezone_name(),
         "verp_settings": _ordered(rows, VERP_KEYS),
         "delivery_settings": [row for row in rows if row.key not in VERP_KEYS],
-        "queue": retry_queue(),
-        "counters": post_counters(),
-        "charts": [last_24_hours(now), last_30_days(now)],
     }
+
+
+def _chosen_list(lists: list[MailingList], wanted: str) -> MailingList | None:
+    """The list ``?list=`` names, among those already read; None for all lists."""
+    return next((mlist for mlist in lists if str(mlist.pk) == wanted), None)
 
 
 def _ordered(rows: Iterable[SettingRow], keys: tuple[str, ...]) -> list[SettingRow]:
