@@ -32,6 +32,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from . import dashboard, lease, progress, signals, tasks
+from .admin_filters import DisabledFilter, HealthFilter, ProblemFilter
 from .models import (
     BounceEvent,
     DeliveryStatus,
@@ -342,7 +343,7 @@ class MemberAdmin(admin.ModelAdmin):
         "last_bounce_received",
         "created_at",
     )
-    list_filter = ("mailing_list", "delivery_status")
+    list_filter = ("mailing_list", "delivery_status", DisabledFilter)
     search_fields = ("address", "display_name")
     list_select_related = ("mailing_list",)
     autocomplete_fields = ("mailing_list",)
@@ -408,7 +409,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         "error",
     )
     list_display_links = ("status", "subject")
-    list_filter = ("status", "mailing_list")
+    list_filter = ("status", HealthFilter, ProblemFilter, "mailing_list")
     search_fields = ("message_id", "subject")
     list_select_related = ("mailing_list",)
     show_full_result_count = False
