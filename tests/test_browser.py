@@ -16,11 +16,13 @@ from django.db import connections
 from django.utils import timezone
 
 from listdelivery.models import (
+    DeliveryHour,
     MailingList,
     OutgoingMessage,
     OutgoingRecipient,
     Personalization,
 )
+from listdelivery.progress import hour_of
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
@@ -97,6 +99,10 @@ def failed_post(transactional_db, mlist) -> OutgoingMessage:
         ]
     )
     post.recipients.update(finished_at=earlier)
+    # The hour's totals the runner keeps with those answers: what the dashboard charts.
+    DeliveryHour.objects.create(
+        hour=hour_of(earlier), list_id=mlist.list_id, sent=1, bounced=1, failed=1
+    )
     return post
 
 

@@ -251,6 +251,20 @@ def test_every_count_of_the_queue_links_to_the_posts_it_counts(admin_client, mli
     assert list(listed.context["cl"].result_list) == [held]
 
 
+def test_the_posts_of_a_deleted_list_link_by_their_list_id(admin_client, mlist):
+    orphan = OutgoingMessage.objects.create(
+        mailing_list=None, list_id="gone.example.com", message=b"", status=Status.HELD
+    )
+    make_post(mlist, Status.HELD)
+
+    _response, html = page(admin_client)
+
+    link = f"{reverse(POSTS)}?status__exact=held&amp;list_id__exact=gone.example.com"
+    assert f'<a href="{link}">1</a>' in html
+    listed = admin_client.get(link.replace("&amp;", "&"))
+    assert list(listed.context["cl"].result_list) == [orphan]
+
+
 def test_nothing_waiting_and_nothing_sending_say_so(admin_client, mlist):
     _response, html = page(admin_client)
 
