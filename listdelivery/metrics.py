@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from django.db.models import Case, Count, DurationField, ExpressionWrapper, F, Min, Q, Sum, When
+from django.db.models import Case, Count, F, FloatField, Func, Min, Q, Sum, When
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -218,15 +218,14 @@ class DeliveryCollector:
 
         Posts given a ``deliver_after`` time are left out: their wait is the schedule's.
         """
-        took = ExpressionWrapper(F("finished_at") - F("created_at"), output_field=DurationField())
         buckets = {
-            f"le_{i}": Count("pk", filter=Q(took__lte=timedelta(seconds=bound)))
+            f"le_{i}": Count("pk", filter=Q(took__lte=bound))
             for i, bound in enumerate(DELIVERY_BUCKETS)
         }
         rows = (
             OutgoingMessage.objects.filter(status__in=TIMED, finished_at__isnull=False)
             .exclude(metadata__has_key="deliver_after")
-            .alias(took=took)
+            .alias(took=SecondsBetween("finished_at", "created_at"))
             .order_by()
             .values("status")
             .annotate(total=Count("pk"), seconds=Sum("took"), **buckets)
@@ -245,8 +244,7 @@ class DeliveryCollector:
                 for i, bound in enumerate(DELIVERY_BUCKETS)
             ]
             bounds.append(("+Inf", row.get("total", 0)))
-            seconds = _seconds(row.get("seconds"))
-            histogram.add_metric([status], bounds, seconds)
+            histogram.add_metric([status], bounds, float(row.get("seconds") or 0))
         return histogram
 
     def members_and_bounces(self) -> Iterator[Metric]:
@@ -277,13 +275,31 @@ class DeliveryCollector:
         yield bounces
 
 
-def _seconds(value: Any) -> float:
-    """A summed duration as seconds: a ``timedelta``, or microseconds on some databases."""
-    if value is None:
-        return 0.0
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return float(value) / 1_000_000
+class SecondsBetween(Func):
+    """``end - start`` in seconds, as a float, in SQL.
+
+    Not Django's duration arithmetic: on SQLite that is a Python function called for
+    every row and every bucket (0.9 s for 14,000 posts); ``julianday`` is built in.
+    """
+
+    output_field = FloatField()
+
+    def __init__(self, end: str, start: str) -> None:
+        super().__init__(F(end), F(start))
+
+    def _compiled(self, compiler: Any, connection: Any) -> tuple[str, str, list[Any]]:
+        end, end_params = compiler.compile(self.source_expressions[0])
+        start, start_params = compiler.compile(self.source_expressions[1])
+        return end, start, [*end_params, *start_params]
+
+    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
+        end, start, params = self._compiled(compiler, connection)
+        # date_part, not EXTRACT: it stays double precision (EXTRACT became a slower numeric).
+        return f"date_part('epoch', {end} - {start})", params
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
+        end, start, params = self._compiled(compiler, connection)
+        return f"((julianday({end}) - julianday({start})) * 86400.0)", params
 
 
 def registry() -> CollectorRegistry:
