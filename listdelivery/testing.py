@@ -44,9 +44,22 @@ thread; :meth:`SMTPTestServer.clear` switches them all off again:
     4xx/5xx replies, the next command gets ``421 4.7.0 Error: too many errors``
     and the server hangs up.
 ``max_connections``
-    A connection beyond this many open at once gets
-    ``421 4.7.0 Too many connections`` as its greeting and is closed; it is
-    counted in ``refused_connections``, not in ``connections``.
+    A connection beyond this many open at once gets ``max_connections_reply``
+    (``421 4.7.0 Too many connections``; Postfix's anvil says
+    ``421 4.7.0 <host>: Error: too many connections from <ip>``) as its
+    greeting and is closed; it is counted in ``refused_connections``, not in
+    ``connections``.
+``rate_limit``
+    Messages per second the server accepts, over a sliding 1-second window
+    across all sessions: a transaction that would make it more gets
+    ``throttle_reply`` (SES's ``454 4.7.0 Throttling failure: Maximum sending
+    rate exceeded.``) and is not recorded. The reply comes at the end of DATA,
+    where SES gives it (smtplib raises ``SMTPDataError``); the session goes on.
+    Refused transactions do not count against the rate.
+``quota``
+    Once this many messages are recorded (since the last ``clear()``), every
+    further transaction gets ``quota_reply`` (SES's ``454 4.7.0 Throttling
+    failure: Daily message quota exceeded.``) at the end of DATA.
 ``size_limit``
     For new connections: advertise ``SIZE`` with this limit instead of the
     constructor's ``data_size_limit``, and refuse larger messages with 552.
@@ -57,9 +70,14 @@ by ``clear()``: ``auth``, ``auth_mechanisms``, ``smtputf8``, ``pipelining``,
 8BITMIME out of the EHLO reply and refuses ``BODY=8BITMIME`` with 555).
 
 What the server saw besides messages: ``connections`` (sessions accepted),
-``refused_connections``, ``ehlo_names`` (the name of every EHLO or HELO, in
-order) and, per message, ``ReceivedMessage.eight_bit`` (whether its content had
-any byte over 127).
+``refused_connections``, ``peak_connections`` (the most sessions open at once),
+``throttled`` (transactions refused by ``rate_limit`` or ``quota``),
+``ehlo_names`` (the name of every EHLO or HELO, in order) and, per message,
+``ReceivedMessage.eight_bit`` (whether its content had any byte over 127) and
+``ReceivedMessage.received_at`` (``time.monotonic()`` when it was accepted), from
+which ``max_in_window()`` and ``mean_rate()`` measure the pace of a test's
+traffic. ``clear()`` forgets all of these too, so a test measures only what
+came after it.
 """
 
 from __future__ import annotations
@@ -72,6 +90,7 @@ import functools
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -84,6 +103,10 @@ __all__ = ["ReceivedMessage", "SMTPTestServer"]
 
 TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
+THROTTLING_FAILURE = "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
+QUOTA_EXCEEDED = "454 4.7.0 Throttling failure: Daily message quota exceeded."
+#: The window ``rate_limit`` counts accepted messages over.
+RATE_WINDOW_SECONDS = 1.0
 #: How long a hung-up session waits for the client to close before closing itself.
 LINGER_SECONDS = 2.0
 
@@ -97,6 +120,8 @@ class ReceivedMessage:
     content: bytes
     mail_options: list[str]
     connection: int
+    #: ``time.monotonic()`` when the server accepted the message.
+    received_at: float = 0.0
 
     @property
     def message(self) -> email.message.Message:
@@ -141,6 +166,13 @@ class _Handler:
         session.host_name = hostname
         self._owner._record_ehlo(hostname)
         return f"250 {server.hostname}"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        # A client that has read "221" may open its next session at once; the
+        # session it quit must no longer count as open by then.
+        assert isinstance(server, _SMTP)
+        server.end_session()
+        return "221 Bye"
 
     async def handle_MAIL(
         self,
@@ -205,7 +237,7 @@ class _Handler:
         reply = owner.fail_data
         if reply is not None:
             return reply
-        owner._record(
+        return owner._accept(
             ReceivedMessage(
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
@@ -214,7 +246,6 @@ class _Handler:
                 connection=smtp.connection_number,
             )
         )
-        return "250 OK"
 
 
 class _SMTP(SMTP):
@@ -257,10 +288,14 @@ class _SMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self.end_session()
+        super().connection_lost(error)
+
+    def end_session(self) -> None:
+        """Stop counting this session as open (at QUIT, or when the connection is lost)."""
         if self._open:
             self._open = False
             self._owner._unregister_connection()
-        super().connection_lost(error)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -272,7 +307,7 @@ class _SMTP(SMTP):
 
     async def _handle_client(self) -> None:
         if self._refused:
-            await self.push(TOO_MANY_CONNECTIONS)
+            await self.push(self._owner.max_connections_reply)
             self._hang_up()
             return
         await super()._handle_client()
@@ -389,6 +424,10 @@ class SMTPTestServer:
         self._connections = 0
         self._refused_connections = 0
         self._open_connections = 0
+        self._peak_connections = 0
+        self._throttled = 0
+        #: Accepted messages' times within the last RATE_WINDOW_SECONDS, for rate_limit.
+        self._recent: collections.deque[float] = collections.deque()
         self._ehlo_names: list[str] = []
         self._trigger_port: int | None = None
         self._controller: _Controller | None = None
@@ -407,6 +446,11 @@ class SMTPTestServer:
         self.max_recipients: int | None = None
         self.hard_error_limit: int | None = None
         self.max_connections: int | None = None
+        self.max_connections_reply = TOO_MANY_CONNECTIONS
+        self.rate_limit: int | None = None
+        self.throttle_reply = THROTTLING_FAILURE
+        self.quota: int | None = None
+        self.quota_reply = QUOTA_EXCEEDED
         self.size_limit: int | None = None
 
     def __repr__(self) -> str:
@@ -486,17 +530,55 @@ class SMTPTestServer:
             return self._refused_connections
 
     @property
+    def peak_connections(self) -> int:
+        """The most sessions open at once (refused connections not counted)."""
+        with self._lock:
+            return self._peak_connections
+
+    @property
+    def throttled(self) -> int:
+        """How many transactions got ``throttle_reply`` or ``quota_reply``."""
+        with self._lock:
+            return self._throttled
+
+    def max_in_window(self, seconds: float = 1.0) -> int:
+        """The most messages accepted within any span of ``seconds``."""
+        times = [message.received_at for message in self.messages]
+        most = 0
+        end = 0
+        for start, first in enumerate(times):
+            while end < len(times) and times[end] < first + seconds:
+                end += 1
+            most = max(most, end - start)
+        return most
+
+    def mean_rate(self) -> float:
+        """Messages per second from the first accepted message to the last; 0.0 for fewer than 2."""
+        messages = self.messages
+        if len(messages) < 2:
+            return 0.0
+        span = messages[-1].received_at - messages[0].received_at
+        return (len(messages) - 1) / span if span > 0 else float("inf")
+
+    @property
     def ehlo_names(self) -> list[str]:
         """The name sent with every EHLO or HELO so far, oldest first."""
         with self._lock:
             return list(self._ehlo_names)
 
     def clear(self) -> None:
-        """Forget messages, connections and EHLO names, and switch off every fault."""
+        """Forget what the server saw and switch off every fault.
+
+        Messages, connections, throttled transactions and EHLO names are
+        forgotten; ``peak_connections`` starts again from the sessions open now.
+        """
         with self._lock:
             self._messages.clear()
+            self._recent.clear()
             self._connections = 0
             self._refused_connections = 0
+            self._peak_connections = self._open_connections
+            self._throttled = 0
             self._ehlo_names.clear()
             self._switch_faults_off()
 
@@ -540,6 +622,7 @@ class SMTPTestServer:
                 self._refused_connections += 1
                 return 0, True
             self._open_connections += 1
+            self._peak_connections = max(self._peak_connections, self._open_connections)
             self._connections += 1
             return self._connections, False
 
@@ -558,7 +641,21 @@ class SMTPTestServer:
                 return True
             return False
 
-    def _record(self, message: ReceivedMessage) -> None:
+    def _accept(self, message: ReceivedMessage) -> str:
+        """Record the message and answer 250, unless the quota or the rate limit refuses it."""
         with self._received:
+            now = time.monotonic()
+            recent = self._recent
+            while recent and recent[0] <= now - RATE_WINDOW_SECONDS:
+                recent.popleft()
+            if self.quota is not None and len(self._messages) >= self.quota:
+                self._throttled += 1
+                return self.quota_reply
+            if self.rate_limit is not None and len(recent) >= self.rate_limit:
+                self._throttled += 1
+                return self.throttle_reply
+            recent.append(now)
+            message.received_at = now
             self._messages.append(message)
             self._received.notify_all()
+            return "250 OK"

@@ -539,3 +539,187 @@ def test_clear_switches_off_the_hostile_faults_too(server: SMTPTestServer) -> No
     with connect(server) as client:
         client.sendmail("long-sender@example.com", ["bart@example.com"], MESSAGE)
     assert len(server.messages) == 1
+
+
+# -- a fault-injecting sink for traffic shaping (issue 13) ----------------------
+
+
+def send_each(server: SMTPTestServer, recipients: list[str]) -> list[int]:
+    """One transaction per recipient on one session; the reply code of each."""
+    codes = []
+    with connect(server) as client:
+        for rcpt in recipients:
+            try:
+                client.sendmail("s@example.com", [rcpt], MESSAGE)
+                codes.append(250)
+            except smtplib.SMTPDataError as error:
+                codes.append(error.smtp_code)
+    return codes
+
+
+def test_above_the_rate_limit_transactions_get_ses_454_at_data_and_are_not_recorded(
+    server: SMTPTestServer,
+) -> None:
+    server.rate_limit = 3
+    with connect(server) as client:
+        for name in ("anne", "bart", "cris"):
+            client.sendmail("s@example.com", [f"{name}@example.com"], MESSAGE)
+        with pytest.raises(smtplib.SMTPDataError) as excinfo:
+            client.sendmail("s@example.com", ["dave@example.com"], MESSAGE)
+        client.noop()  # the session goes on
+
+    assert (excinfo.value.smtp_code, excinfo.value.smtp_error) == (
+        454,
+        b"4.7.0 Throttling failure: Maximum sending rate exceeded.",
+    )
+    assert [m.rcpt_tos for m in server.messages] == [
+        ["anne@example.com"],
+        ["bart@example.com"],
+        ["cris@example.com"],
+    ]
+    assert server.throttled == 1
+
+
+def test_the_rate_limit_is_shared_by_every_session(server: SMTPTestServer) -> None:
+    server.rate_limit = 5
+    results: list[list[int]] = []
+    recipients = [f"member{i}@example.com" for i in range(5)]
+    senders = [
+        threading.Thread(target=lambda: results.append(send_each(server, recipients)))
+        for _ in range(4)
+    ]
+    started = time.monotonic()
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.0, "the burst itself took a second: the window let more through"
+    codes = [code for session in results for code in session]
+    assert sorted(codes) == [250] * 5 + [454] * 15
+    assert len(server.messages) == 5
+    assert server.throttled == 15
+    assert server.max_in_window() == 5
+
+
+def test_the_window_slides_and_measures_the_pace(server: SMTPTestServer) -> None:
+    server.rate_limit = 2
+    with connect(server) as client:
+        client.sendmail("s@example.com", ["anne@example.com"], MESSAGE)
+        first = server.messages[0].received_at
+        time.sleep(0.5)
+        client.sendmail("s@example.com", ["bart@example.com"], MESSAGE)
+        with pytest.raises(smtplib.SMTPDataError):  # anne and bart fill the second
+            client.sendmail("s@example.com", ["cris@example.com"], MESSAGE)
+
+        time.sleep(max(0.0, first + 1.05 - time.monotonic()))
+        client.sendmail("s@example.com", ["cris@example.com"], MESSAGE)  # anne has left it
+        with pytest.raises(smtplib.SMTPDataError):  # bart has not
+            client.sendmail("s@example.com", ["dave@example.com"], MESSAGE)
+
+    anne, bart, cris = server.messages
+    assert [m.rcpt_tos for m in (anne, bart, cris)] == [
+        ["anne@example.com"],
+        ["bart@example.com"],
+        ["cris@example.com"],
+    ]
+    assert server.throttled == 2
+    assert server.max_in_window(1.0) == 2
+    assert server.max_in_window(2.0) == 3
+    assert server.mean_rate() == pytest.approx(2 / (cris.received_at - anne.received_at))
+    assert 1.0 < server.mean_rate() <= 2 / 1.05
+
+
+def test_pace_of_nothing(server: SMTPTestServer) -> None:
+    assert (server.max_in_window(), server.mean_rate()) == (0, 0.0)
+
+
+def test_peak_connections_counts_sessions_open_at_once(server: SMTPTestServer) -> None:
+    all_open = threading.Barrier(4)
+
+    def hold_a_session() -> None:
+        with connect(server) as client:
+            client.ehlo()
+            all_open.wait(timeout=5)
+
+    sessions = [threading.Thread(target=hold_a_session) for _ in range(4)]
+    for session in sessions:
+        session.start()
+    for session in sessions:
+        session.join()
+    with connect(server) as client:
+        client.sendmail("s@example.com", ["anne@example.com"], MESSAGE)
+
+    assert server.peak_connections == 4
+    assert server.connections == 5
+
+    server.clear()
+    assert server.peak_connections == 0
+    with connect(server) as client:
+        client.noop()
+    assert server.peak_connections == 1
+
+
+def test_peak_connections_leaves_out_refused_ones(server: SMTPTestServer) -> None:
+    server.max_connections = 1
+    with connect(server) as client:
+        with pytest.raises(smtplib.SMTPConnectError):
+            connect(server)
+        client.noop()
+    assert (server.peak_connections, server.refused_connections) == (1, 1)
+
+
+def test_max_connections_reply_can_say_what_postfix_says(server: SMTPTestServer) -> None:
+    server.max_connections = 0
+    server.max_connections_reply = (
+        "421 4.7.0 mx.example.org: Error: too many connections from 127.0.0.1"
+    )
+    with pytest.raises(smtplib.SMTPConnectError) as excinfo:
+        connect(server)
+    assert (excinfo.value.smtp_code, excinfo.value.smtp_error) == (
+        421,
+        b"4.7.0 mx.example.org: Error: too many connections from 127.0.0.1",
+    )
+
+
+def test_over_the_quota_every_transaction_gets_454_until_clear(server: SMTPTestServer) -> None:
+    server.quota = 2
+    codes = send_each(server, ["anne@example.com", "bart@example.com", "cris@example.com"])
+    with connect(server) as client, pytest.raises(smtplib.SMTPDataError) as excinfo:
+        client.sendmail("s@example.com", ["dave@example.com"], MESSAGE)
+
+    assert codes == [250, 250, 454]
+    assert excinfo.value.smtp_error == b"4.7.0 Throttling failure: Daily message quota exceeded."
+    assert len(server.messages) == 2
+    assert server.throttled == 2
+
+    server.clear()
+    assert send_each(server, ["erin@example.com"]) == [250]
+
+
+def test_throttle_and_quota_replies_are_configurable(server: SMTPTestServer) -> None:
+    server.rate_limit = 0
+    server.throttle_reply = "450 4.2.1 Peak SMTP relay limit exceeded"
+    assert send_each(server, ["anne@example.com"]) == [450]
+    server.rate_limit = None
+    server.quota = 0
+    server.quota_reply = "550 5.4.5 Daily sending quota exceeded"
+    assert send_each(server, ["anne@example.com"]) == [550]
+    assert server.throttled == 2
+
+
+def test_clear_switches_off_the_traffic_limits(server: SMTPTestServer) -> None:
+    server.rate_limit = 0
+    server.quota = 0
+    server.throttle_reply = server.quota_reply = "454 No"
+    server.max_connections_reply = "421 No"
+    send_each(server, ["anne@example.com"])
+
+    server.clear()
+
+    assert (server.rate_limit, server.quota, server.throttled) == (None, None, 0)
+    assert server.throttle_reply.startswith("454 4.7.0 Throttling failure: Maximum")
+    assert server.quota_reply.startswith("454 4.7.0 Throttling failure: Daily")
+    assert server.max_connections_reply == "421 4.7.0 Too many connections"
+    assert send_each(server, ["anne@example.com"]) == [250]
