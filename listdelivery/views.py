@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from django.contrib.auth.decorators import login_not_required
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
@@ -21,6 +22,7 @@ from . import dashboard, health
 logger = logging.getLogger(__name__)
 
 
+@login_not_required  # a load balancer has no session, even under LoginRequiredMiddleware
 @never_cache
 @require_safe
 def health_check(request: HttpRequest) -> JsonResponse:

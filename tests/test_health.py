@@ -261,3 +261,12 @@ def test_the_report_costs_five_queries_whatever_the_queue(
         facts = health.report(now)
     assert len(facts.problems) == (2 if waiting else 0)
     json.dumps(facts.as_dict(detail=True))  # JSON-safe, detail and all
+
+
+def test_the_endpoint_stays_open_under_login_required_middleware(db, client, settings):
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE,
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    ]
+    response = client.get(HEALTH_URL)
+    assert response.status_code in (200, 503) and "ok" in response.json()
