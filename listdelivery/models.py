@@ -174,7 +174,8 @@ class Member(models.Model):
             )
         ]
         indexes = [
-            models.Index(fields=["mailing_list", "address"], name="listdelivery_member_address")
+            models.Index(fields=["mailing_list", "address"], name="listdelivery_member_address"),
+            models.Index(fields=["delivery_status", "disabled_at"], name="listdelivery_disabled"),
         ]
 
     def __str__(self) -> str:

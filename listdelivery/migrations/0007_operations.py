@@ -230,5 +230,11 @@ class Migration(migrations.Migration):
                 ],
             },
         ),
+        migrations.AddIndex(
+            model_name="member",
+            index=models.Index(
+                fields=["delivery_status", "disabled_at"], name="listdelivery_disabled"
+            ),
+        ),
         migrations.RunPython(count_existing, migrations.RunPython.noop, elidable=True),
     ]
