@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from django.contrib.auth.decorators import login_not_required
 from django.db.models import Case, Count, F, FloatField, Func, Min, Q, Sum, When
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
@@ -336,6 +337,7 @@ def _unauthorized(error: str = "") -> HttpResponse:
     return response
 
 
+@login_not_required  # a scraper has a token, not a session, even under LoginRequiredMiddleware
 @never_cache
 @require_safe
 def metrics(request: HttpRequest) -> HttpResponse:

@@ -281,6 +281,16 @@ def test_a_wrong_token_is_refused(client, token, header):
 
 
 @pytest.mark.django_db
+def test_the_token_is_enough_even_where_every_page_requires_a_login(client, token, settings):
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE,
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    ]
+    assert value(scrape(client), "listdelivery_posts", status="queued") == 0
+    assert client.get(URL).status_code == 401  # a challenge, not a redirect to a login page
+
+
+@pytest.mark.django_db
 def test_an_empty_token_setting_lets_no_token_in(client, deliver_to):
     deliver_to(METRICS_TOKEN="")
     assert client.get(URL, HTTP_AUTHORIZATION="Bearer ").status_code == 401
