@@ -12,34 +12,44 @@ from __future__ import annotations
 import email
 from email.message import Message
 from typing import Any
+from urllib.parse import urlencode
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.contrib.admin.utils import flatten_fieldsets
-from django.core.exceptions import PermissionDenied
+from django.contrib.admin.utils import flatten_fieldsets, quote, unquote
+from django.core.exceptions import ImproperlyConfigured
 from django.db import models, transaction
 from django.db.models import Case, Count, Model, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils import timezone
+from django.utils import dateformat, timezone
+from django.utils.formats import number_format
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import dashboard, lease, progress, signals, tasks
+from . import conf, dashboard, lease, progress, rules, signals, tasks
 from .admin_filters import DisabledFilter, HealthFilter, ProblemFilter
 from .models import (
     BounceEvent,
+    DeliveryAttempt,
     DeliveryStatus,
     MailingList,
     Member,
     OutgoingMessage,
     OutgoingRecipient,
+    Personalization,
 )
 from .pipeline import header_text
 
@@ -193,6 +203,189 @@ def first_text(msg: Message) -> str:
         return payload.decode("utf-8", "replace")
 
 
+# -- how far a post has got, and why ------------------------------------------------
+
+#: Buttons on a post's page: URL name suffix -> the action it runs.
+BUTTONS = {"retry": "retry_now", "pause": "pause", "resume": "resume", "cancel": "discard"}
+REFUSAL_GROUPS = 50
+#: States in which a post's page keeps polling its progress.
+MOVING = ("sending", "stalled", "stopping")
+
+
+def _config() -> dict[str, Any]:
+    """The settings, or the defaults when they cannot be read (the dashboard says why)."""
+    try:
+        return conf.get_config()
+    except ImproperlyConfigured:
+        return dict(conf.DEFAULTS)
+
+
+def _number(value: int) -> str:
+    return number_format(value, force_grouping=True)
+
+
+def moment(when: Any) -> str:
+    """A time with its zone: "14:32 UTC" today, "3 Dec 2025, 14:32 UTC" on another day."""
+    local = timezone.localtime(when)
+    if local.date() == timezone.localdate():
+        return dateformat.format(local, "H:i T")
+    return dateformat.format(local, "j M Y, H:i T")
+
+
+def post_state(post: OutgoingMessage) -> str:
+    """The status, told apart where it matters: ``stalled`` and ``scheduled`` too."""
+    if post.is_stalled:
+        return "stalled"
+    if post.is_scheduled:
+        return "scheduled"
+    return post.status
+
+
+def status_text(post: OutgoingMessage, state: str | None = None) -> str:
+    """What a list administrator reads: "Sending", "Scheduled for 3 Dec 2025, 09:00 UTC" …"""
+    state = state or post_state(post)
+    if state == "stalled":
+        return str(_("Sending — stalled, will be taken over"))
+    if state == "scheduled":
+        return str(_("Scheduled for %(when)s")) % {"when": moment(post.next_attempt_at)}
+    if state == "stopping":
+        return str(_("%(status)s — the runner stops after the transaction in flight")) % {
+            "status": post.get_status_display()
+        }
+    if post.status == Status.HELD and post.problem:
+        return str(_("Held: %(problem)s")) % {"problem": post.problem}
+    return str(post.get_status_display())
+
+
+def counts_text(post: OutgoingMessage) -> str:
+    """ "12,345 / 20,000 accepted · 12 deferred · 3 bounced · 0 failed · 850/s · done ≈ 14:32 UTC"."""
+    parts = [
+        str(_("%(sent)s / %(total)s accepted"))
+        % {"sent": _number(post.sent_count), "total": _number(post.recipient_count)},
+        str(_("%s deferred")) % _number(post.deferred_count),
+        str(_("%s bounced")) % _number(post.bounced_count),
+        str(_("%s failed")) % _number(post.failed_count),
+    ]
+    if post.status == Status.SENDING and not post.is_stalled:
+        if post.rate:
+            parts.append(f"{post.rate:,.0f}/s" if post.rate >= 10 else f"{post.rate:.1f}/s")
+        if post.finish_estimate:
+            parts.append(str(_("done ≈ %s")) % moment(post.finish_estimate))
+    return " · ".join(parts)
+
+
+def progress_bar(post: OutgoingMessage) -> str:
+    """A ``<progress>`` of the recipients with a final answer; nothing for a post to no one."""
+    if not post.recipient_count:
+        return ""
+    done = post.recipient_count - post.open_count
+    return format_html(
+        '<progress max="{}" value="{}" aria-label="{}">{}%</progress>',
+        post.recipient_count,
+        done,
+        _("recipients answered"),
+        int(post.progress * 100),
+    )
+
+
+def runner_finishing(post: OutgoingMessage, attempts: list[DeliveryAttempt] | None = None) -> bool:
+    """Paused or cancelled while a runner was sending it, and that runner has not stopped yet.
+
+    A runner that stops records its attempt; until then it may finish the
+    transaction in flight. After a lease's length it has stopped in any case.
+    """
+    if post.status not in (Status.PAUSED, Status.DISCARDED) or post.sending_since is None:
+        return False
+    if post.updated_at < timezone.now() - _config()["LEASE_DURATION"]:
+        return False
+    if attempts is None:
+        return not post.attempt_log.filter(number=post.attempts).exists()
+    return all(attempt.number != post.attempts for attempt in attempts)
+
+
+def refusal_groups(post: OutgoingMessage) -> list[dict[str, Any]]:
+    """Recipients not accepted, grouped by reply, largest first: one GROUP BY, no pending rows."""
+    rows = (
+        post.recipients.filter(status__in=(RStatus.DEFERRED, RStatus.BOUNCED, RStatus.FAILED))
+        .order_by()
+        .values("status", "smtp_code", "smtp_message")
+        .annotate(recipients=Count("pk"))
+        .order_by("-recipients", "status", "smtp_code", "smtp_message")[:REFUSAL_GROUPS]
+    )
+    return [{**row, "status_label": RStatus(row["status"]).label} for row in rows]
+
+
+def personalization_decision(post: OutgoingMessage) -> str:
+    """How this post was (or will be) delivered: one copy, or one per member."""
+    metadata = post.metadata if isinstance(post.metadata, dict) else {}
+    if metadata.get("personalize") in Personalization.values:
+        return str(Personalization(metadata["personalize"]).label)
+    if post.mailing_list is None:
+        return str(_("Unknown: the list was deleted before this post was delivered."))
+    return str(
+        _("%(label)s — the list's current setting; this post has no record of its own yet.")
+    ) % {"label": Personalization(post.mailing_list.personalize).label}
+
+
+def verp_decision(post: OutgoingMessage) -> str:
+    """Whether this post's envelope is VERP'd, and which rule said so."""
+    metadata = post.metadata if isinstance(post.metadata, dict) else {}
+    config = _config()
+    personalize = metadata.get("personalize") or (
+        post.mailing_list.personalize if post.mailing_list else Personalization.NONE
+    )
+    interval = config["VERP_DELIVERY_INTERVAL"]
+    if personalize != Personalization.NONE:
+        setting = bool(config["VERP_PERSONALIZED_DELIVERIES"])
+        why = (
+            _("the list is personalized and VERP_PERSONALIZED_DELIVERIES is on")
+            if setting
+            else _("the list is personalized and VERP_PERSONALIZED_DELIVERIES is off")
+        )
+        expected: bool | None = setting
+    elif interval <= 0:
+        why, expected = _("VERP_DELIVERY_INTERVAL is 0: no post is VERP'd"), False
+    elif interval == 1:
+        why, expected = _("VERP_DELIVERY_INTERVAL is 1: every post is VERP'd"), True
+    else:
+        why, expected = (
+            _("VERP_DELIVERY_INTERVAL is %(n)d: every %(n)dth post of the list is VERP'd")
+            % {"n": interval},
+            None,
+        )
+    if "verp" not in metadata:
+        if post.mailing_list is None:
+            return str(_("Not decided: the list was deleted."))
+        verp = rules.decide_verp(personalize, post.mailing_list.post_id, metadata, config)
+        answer = _("Yes, if it were delivered now") if verp else _("No, if it were delivered now")
+        return f"{answer}: {why}."
+    verp = bool(metadata["verp"])
+    answer = _("Yes") if verp else _("No")
+    if expected is not None and expected != verp:
+        why = _(
+            "set for this post by whoever queued it (its metadata), or the settings "
+            "have changed since"
+        )
+    return f"{answer}: {why}."
+
+
+def forbidden(request: HttpRequest, admin_site: admin.AdminSite, what: str) -> TemplateResponse:
+    """The admin's own look for "you may not", instead of the site's bare 403 page."""
+    context = {**admin_site.each_context(request), "title": _("Permission denied"), "what": what}
+    return TemplateResponse(request, "listdelivery/admin/forbidden.html", context, status=403)
+
+
+class ListRowForm(forms.ModelForm):
+    """A row of the lists' change list: its select says which list it is for screen readers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "personalize" in self.fields:
+            self.fields["personalize"].widget.attrs["aria-label"] = str(
+                _("Personalization of %(list)s")
+            ) % {"list": self.instance.address}
+
+
 # -- the admins -------------------------------------------------------------------
 
 
@@ -231,6 +424,9 @@ class MailingListAdmin(admin.ModelAdmin):
         if obj is None:
             return [(None, {"fields": fields})]
         return [(None, {"fields": fields}), (_("Delivery"), {"fields": self.delivery_fields})]
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> type[forms.ModelForm]:
+        return super().get_changelist_form(request, form=ListRowForm, **kwargs)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[MailingList]:
         return (
@@ -322,7 +518,7 @@ class MailingListAdmin(admin.ModelAdmin):
 
     def dashboard_view(self, request: HttpRequest) -> TemplateResponse:
         if not dashboard.can_view(request.user):
-            raise PermissionDenied
+            return forbidden(request, self.admin_site, _("see the delivery dashboard"))
         context = {
             **self.admin_site.each_context(request),
             "title": _("Delivery dashboard"),
@@ -340,7 +536,7 @@ class MemberAdmin(admin.ModelAdmin):
         "mailing_list",
         "delivery_status",
         "bounce_score",
-        "last_bounce_received",
+        "last_bounce",
         "created_at",
     )
     list_filter = ("mailing_list", "delivery_status", DisabledFilter)
@@ -348,7 +544,82 @@ class MemberAdmin(admin.ModelAdmin):
     list_select_related = ("mailing_list",)
     autocomplete_fields = ("mailing_list",)
     show_full_result_count = False
+    change_list_template = "listdelivery/admin/change_list.html"
     actions = ("enable_delivery", "disable_delivery")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Member]:
+        """With the member's latest bounce event: subqueries, never a query per row."""
+        latest = BounceEvent.objects.filter(
+            mailing_list=OuterRef("mailing_list"), address__iexact=OuterRef("address")
+        ).order_by("-created_at", "-id")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_bounce_code=Subquery(latest.values("smtp_code")[:1]),
+                last_bounce_text=Subquery(latest.values("smtp_message")[:1]),
+            )
+        )
+
+    def _may_see_bounces(self, request: HttpRequest) -> bool:
+        bounces = self.admin_site._registry.get(BounceEvent)
+        return bounces is not None and bounces.has_view_permission(request)
+
+    def get_list_display(self, request: HttpRequest) -> list[str]:
+        shown = list(super().get_list_display(request))
+        if self._may_see_bounces(request):
+            shown.insert(shown.index("last_bounce") + 1, "bounce_events")
+        return shown
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Member | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.pk and self._may_see_bounces(request):
+            fields.append("bounce_history")
+        return fields
+
+    @staticmethod
+    def _diagnostic(obj: Member) -> str:
+        return f"{obj.last_bounce_code or ''} {obj.last_bounce_text or ''}".strip()
+
+    @admin.display(description=_("last bounce"), ordering="last_bounce_received")
+    def last_bounce(self, obj: Member) -> str:
+        diagnostic = self._diagnostic(obj)
+        if obj.last_bounce_received is None and not diagnostic:
+            return "—"
+        return format_html(
+            '{}<div class="ld-quiet" title="{}">{}</div>',
+            obj.last_bounce_received or "",
+            diagnostic,
+            Truncator(diagnostic).chars(60),
+        )
+
+    def _bounces_url(self, obj: Member) -> str:
+        url = reverse(f"{self.admin_site.name}:listdelivery_bounceevent_changelist")
+        return f"{url}?{urlencode({'address__iexact': obj.address, 'mailing_list__id__exact': obj.mailing_list_id})}"
+
+    @admin.display(description=_("bounce events"))
+    def bounce_events(self, obj: Member) -> str:
+        if obj.last_bounce_text is None:  # no event at all
+            return ""
+        return format_html('<a href="{}">{}</a>', self._bounces_url(obj), _("Show events"))
+
+    @admin.display(description=_("bounces"))
+    def bounce_history(self, obj: Member) -> str:
+        events = BounceEvent.objects.filter(
+            mailing_list=obj.mailing_list_id, address__iexact=obj.address
+        ).count()
+        if not events:
+            return _("No bounce events.")
+        text = ngettext("%(count)d bounce event", "%(count)d bounce events", events) % {
+            "count": events
+        }
+        return format_html(
+            '<a href="{}">{}</a><div>{} {}</div>',
+            self._bounces_url(obj),
+            text,
+            _("Latest:"),
+            self._diagnostic(obj),
+        )
 
     @admin.action(permissions=["change"], description=_("Enable delivery"))
     def enable_delivery(self, request: HttpRequest, queryset: QuerySet[Member]) -> None:
@@ -395,25 +666,21 @@ class MemberAdmin(admin.ModelAdmin):
 
 @admin.register(OutgoingMessage)
 class OutgoingMessageAdmin(admin.ModelAdmin):
-    """The queue, read-only: what was posted, to whom it is still going, and why not."""
+    """The queue, read-only: how far each post has got, and why it waits.
 
-    list_display = (
-        "status",
-        "mailing_list",
-        "subject",
-        "message_id",
-        "remaining",
-        "attempts",
-        "next_attempt",
-        "deliver_until",
-        "error",
-    )
-    list_display_links = ("status", "subject")
+    A post's page tells its story: progress (refreshed while it moves), the
+    attempts, the replies of recipients not accepted, the VERP and
+    personalization decisions, and Retry / Pause / Resume / Cancel buttons.
+    """
+
+    list_display = ("subject_line", "mailing_list", "state", "attempts", "next_attempt", "error")
+    list_display_links = ("subject_line",)
     list_filter = ("status", HealthFilter, ProblemFilter, "mailing_list")
     search_fields = ("message_id", "subject")
     list_select_related = ("mailing_list",)
     show_full_result_count = False
     change_list_template = "listdelivery/admin/change_list.html"
+    change_form_template = "listdelivery/admin/post_change_form.html"
     actions = ("retry_now", "pause", "resume", "discard")
     fieldsets = (
         (
@@ -441,8 +708,6 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
                     "unexpected_errors",
                     "last_error",
                     "leased_until",
-                    "recipient_counts",
-                    "problem_recipients",
                 )
             },
         ),
@@ -451,16 +716,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     readonly_fields = flatten_fieldsets(fieldsets)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OutgoingMessage]:
-        return (
-            super()
-            .get_queryset(request)
-            .defer("message")
-            .annotate(
-                remaining_count=_count(
-                    OutgoingRecipient, "message", status__in=OutgoingRecipient.OPEN
-                )
-            )
-        )
+        return super().get_queryset(request).defer("message")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -472,56 +728,57 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # a record of what was sent: cancel a post, never delete it
 
+    # -- the change list: counters on the row, never a query per row
+
+    @admin.display(description=_("subject"), ordering="subject")
+    def subject_line(self, obj: OutgoingMessage) -> str:
+        subject = obj.subject or str(_("(no subject)"))
+        return format_html(
+            '<span title="{}">{}</span><div class="ld-quiet">{}</div>',
+            subject,
+            Truncator(subject).chars(60),
+            Truncator(obj.message_id).chars(40),
+        )
+
+    @admin.display(description=_("status"), ordering="status")
+    def state(self, obj: OutgoingMessage) -> str:
+        state = post_state(obj)
+        return format_html(
+            '<div class="ld-state ld-{}" title="{}">{}</div>{}<div class="ld-quiet">{}</div>',
+            state,
+            obj.last_error if obj.status == Status.HELD else "",
+            status_text(obj, state),
+            progress_bar(obj),
+            counts_text(obj),
+        )
+
     @admin.display(description=_("next attempt"), ordering="next_attempt_at")
     def next_attempt(self, obj: OutgoingMessage) -> Any:
         if obj.next_attempt_at is None and obj.status == Status.HELD:
             return _("when an administrator retries it")
-        return obj.next_attempt_at
-
-    @admin.display(description=_("recipients remaining"), ordering="remaining_count")
-    def remaining(self, obj: OutgoingMessage) -> int:
-        return obj.remaining_count
+        if obj.status not in (Status.QUEUED, Status.RETRY, Status.HELD):
+            return "—"
+        if obj.deliver_until is None:
+            return moment(obj.next_attempt_at)
+        return format_html(
+            '{}<div class="ld-quiet">{}</div>',
+            moment(obj.next_attempt_at),
+            _("gives up after %s") % moment(obj.deliver_until),
+        )
 
     @admin.display(description=_("last error"), ordering="last_error")
     def error(self, obj: OutgoingMessage) -> str:
-        return Truncator(obj.last_error).chars(80)
-
-    @admin.display(description=_("recipients by status"))
-    def recipient_counts(self, obj: OutgoingMessage) -> str:
-        counts = dict(
-            obj.recipients.order_by()
-            .values_list("status")
-            .annotate(n=Count("pk"))
-            .values_list("status", "n")
+        return format_html(
+            '<span title="{}">{}</span>', obj.last_error, Truncator(obj.last_error).chars(60)
         )
-        rows = ((label, counts.get(value, 0)) for value, label in RStatus.choices)
-        return format_html_join(mark_safe("<br>"), "{}: {}", rows)
 
-    @admin.display(description=_("recipients not accepted (latest 50)"))
-    def problem_recipients(self, obj: OutgoingMessage) -> str:
-        rows = [
-            (address, RStatus(status).label, code or "", text)
-            for address, status, code, text in obj.recipients.exclude(status=RStatus.SENT)
-            .order_by("-pk")
-            .values_list("address", "status", "smtp_code", "smtp_message")[:PROBLEM_ROWS]
-        ]
-        if not rows:
-            return _("none")
-        head = format_html(
-            "<tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-            _("address"),
-            _("status"),
-            _("SMTP code"),
-            _("SMTP message"),
-        )
-        body = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows)
-        return format_html("<table><thead>{}</thead><tbody>{}</tbody></table>", head, body)
+    # -- the post's page
 
     @admin.display(description=_("header fields"))
     def headers(self, obj: OutgoingMessage) -> str:
         rows = ((name, _header_text(value)) for name, value in self._parsed(obj).items())
         return format_html(
-            "<table>{}</table>",
+            '<div class="ld-scroll"><table>{}</table></div>',
             format_html_join("", '<tr><th scope="row">{}</th><td>{}</td></tr>', rows),
         )
 
@@ -545,6 +802,132 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         if not hasattr(obj, "_parsed_message"):
             obj._parsed_message = email.message_from_bytes(obj.raw)
         return obj._parsed_message
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: OutgoingMessage | None = None,
+    ) -> HttpResponse:
+        if obj is not None:
+            attempts = list(obj.attempt_log.order_by("started_at", "id"))
+            story = self.progress_context(request, obj, attempts)
+            running = story["state"] in ("sending", "stopping")
+            context.update(
+                story,
+                attempt_rows=attempts,
+                unrecorded=max(obj.attempts - len(attempts) - running, 0),
+                refusals=refusal_groups(obj),
+                refusal_limit=REFUSAL_GROUPS,
+                verp=verp_decision(obj),
+                personalization=personalization_decision(obj),
+                progress_url=self._url("progress", obj),
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def progress_context(
+        self,
+        request: HttpRequest,
+        post: OutgoingMessage,
+        attempts: list[DeliveryAttempt] | None = None,
+    ) -> dict[str, Any]:
+        """What the progress block shows: the same on the page and in its polled fragment."""
+        state = post_state(post)
+        if runner_finishing(post, attempts):
+            state = "stopping"
+        due = post.status in (Status.QUEUED, Status.RETRY, Status.HELD) and (
+            post.next_attempt_at is not None and post.next_attempt_at <= timezone.now()
+        )
+        buttons = []
+        if self.has_change_permission(request):
+            offered = {
+                "retry": post.status in RETRYABLE and not post.is_scheduled,
+                "pause": post.status in OutgoingMessage.WAITING,
+                "resume": post.status == Status.PAUSED,
+                "cancel": post.status in (*OutgoingMessage.WAITING, Status.PAUSED),
+            }
+            labels = {
+                "retry": _("Retry now"),
+                "pause": _("Pause"),
+                "resume": _("Resume"),
+                "cancel": _("Cancel delivery…"),
+            }
+            buttons = [
+                {"name": name, "label": labels[name], "url": self._url(name, post)}
+                for name, shown in offered.items()
+                if shown
+            ]
+        return {
+            "post": post,
+            "state": state,
+            "live": state in MOVING or due,
+            "status_text": status_text(post, state),
+            "counts_text": counts_text(post),
+            "bar": progress_bar(post),
+            "sending_since": moment(post.sending_since) if post.sending_since else "",
+            "checkpoint": moment(post.updated_at),
+            "remedy": rules.PROBLEMS.get(post.problem, ""),
+            "buttons": buttons,
+        }
+
+    def _url(self, name: str, post: OutgoingMessage) -> str:
+        return reverse(
+            f"{self.admin_site.name}:listdelivery_outgoingmessage_{name}", args=[quote(post.pk)]
+        )
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path(
+                "<path:object_id>/progress/",
+                view(self.progress_view),
+                name="listdelivery_outgoingmessage_progress",
+            ),
+            *(
+                path(
+                    f"<path:object_id>/{name}/",
+                    view(self.button_view),
+                    {"button": name},
+                    name=f"listdelivery_outgoingmessage_{name}",
+                )
+                for name in BUTTONS
+            ),
+            *super().get_urls(),
+        ]
+
+    def progress_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The progress block alone, which the post's page fetches every 2 s while it moves."""
+        if not self.has_view_permission(request):
+            return forbidden(request, self.admin_site, _("see the outgoing messages"))
+        post = self.get_object(request, unquote(object_id))
+        if post is None:
+            raise Http404
+        context = self.progress_context(request, post)
+        return TemplateResponse(request, "listdelivery/admin/post_progress.html", context)
+
+    def button_view(self, request: HttpRequest, object_id: str, button: str) -> HttpResponse:
+        """A button on the post's page: the action of the same name on this one post."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_change_permission(request):
+            return forbidden(request, self.admin_site, _("change the delivery of posts"))
+        post = self.get_object(request, unquote(object_id))
+        if post is None:
+            raise Http404
+        page = reverse(
+            f"{self.admin_site.name}:listdelivery_outgoingmessage_change", args=[quote(post.pk)]
+        )
+        action = getattr(self, BUTTONS[button])
+        response = action(request, OutgoingMessage.objects.filter(pk=post.pk))
+        if response is not None:  # Cancel asks first; its answer comes back here
+            response.context_data["back_url"] = page
+            return response
+        return HttpResponseRedirect(page)
+
+    # -- the actions (scripts use their names)
 
     @admin.action(permissions=["change"], description=_("Retry now"))
     def retry_now(self, request: HttpRequest, queryset: QuerySet[OutgoingMessage]) -> None:

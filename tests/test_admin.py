@@ -14,6 +14,7 @@ from listdelivery import progress
 from listdelivery.dashboard import human_duration
 from listdelivery.models import (
     BounceEvent,
+    DeliveryAttempt,
     DeliveryHour,
     DeliveryStatus,
     MailingList,
@@ -63,6 +64,9 @@ def make_post(
         OutgoingRecipient(message=post, address=address, status=state)
         for address, state in (recipients or {}).items()
     )
+    if recipients:
+        progress.recount([post.pk])  # the counters, as the runner keeps them
+        post.refresh_from_db()
     return post
 
 
@@ -352,7 +356,7 @@ def test_members_delivery_can_be_disabled_and_enabled_with_actions(admin_client,
 # -- outgoing messages ----------------------------------------------------------------
 
 
-def test_the_queue_shows_status_list_subject_message_id_remaining_and_errors(admin_client, mlist):
+def test_the_queue_shows_status_subject_message_id_progress_and_errors(admin_client, mlist):
     make_post(
         mlist,
         Status.RETRY,
@@ -373,10 +377,11 @@ def test_the_queue_shows_status_list_subject_message_id_remaining_and_errors(adm
     html = response.content.decode()
     assert "Waiting to retry" in html
     assert "Minutes" in html and "&lt;minutes@example.com&gt;" in html
-    assert '<td class="field-remaining">2</td>' in html
+    assert "1 / 3 accepted · 1 deferred · 0 bounced · 0 failed" in html
+    assert '<progress max="3" value="1"' in html
     assert '<td class="field-attempts">2</td>' in html
-    assert "450 4.2.0 Mailbox busy" in html
-    assert "field-next_attempt" in html and "field-deliver_until" in html
+    assert 'title="2 recipients to retry; last reply: 450 4.2.0 Mailbox busy"' in html
+    assert "gives up after" in html
 
 
 def test_the_queue_can_be_filtered_by_status_and_list_and_searched(admin_client, mlist):
@@ -419,9 +424,8 @@ def test_a_post_page_is_read_only_and_shows_headers_and_a_safe_text_preview(admi
     assert "Café" in html  # the Subject header, decoded
     assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in html
     assert "<script>alert" not in html
-    assert "Accepted by the SMTP server: 1" in html
-    assert "Deferred by a temporary failure: 1" in html
-    assert "4.2.0 Mailbox busy" in html and "bperson@example.com" in html
+    assert "1 / 2 accepted · 1 deferred · 0 bounced · 0 failed" in html
+    assert "Deferred by a temporary failure" in html and "4.2.0 Mailbox busy" in html
     assert 'name="_save"' not in html
     assert admin_client.post(url, {"status": Status.DELIVERED}).status_code == 403
     assert admin_client.get(reverse("admin:listdelivery_outgoingmessage_add")).status_code == 403
@@ -760,6 +764,9 @@ def test_pages_stay_fast_with_100000_members_and_10000_queued_posts(
         ),
         batch_size=2000,
     )
+    OutgoingMessage.objects.filter(pk__in=some).update(
+        recipient_count=3, sent_count=1, deferred_count=1
+    )
     admin_client.get(reverse("admin:index"))  # the session is loaded once, outside the counts
     created = time.monotonic() - began
 
@@ -784,8 +791,8 @@ def test_pages_stay_fast_with_100000_members_and_10000_queued_posts(
         assert response.status_code == 200, url
         assert timings[url] < 2, f"{url} took {timings[url]:.2f} s"
 
-    remaining = admin_client.get(reverse("admin:listdelivery_outgoingmessage_changelist"))
-    assert '<td class="field-remaining">2</td>' in remaining.content.decode()
+    queue = admin_client.get(reverse("admin:listdelivery_outgoingmessage_changelist"))
+    assert "1 / 3 accepted · 1 deferred" in queue.content.decode()
     assert created < 20, f"creating the rows took {created:.1f} s"
 
 
@@ -881,3 +888,369 @@ def test_posts_and_bounce_events_cannot_be_deleted_but_go_with_their_list(admin_
     assert not MailingList.objects.exists() and not BounceEvent.objects.exists()
     post.refresh_from_db()
     assert post.mailing_list is None
+
+
+# -- how far a post has got, and its story (issue 12) ------------------------------------
+
+QUEUE = "admin:listdelivery_outgoingmessage_changelist"
+
+
+def post_page(client, post, **query):
+    url = reverse("admin:listdelivery_outgoingmessage_change", args=[post.pk])
+    return client.get(url, query).content.decode()
+
+
+def button(post, name: str) -> str:
+    return reverse(f"admin:listdelivery_outgoingmessage_{name}", args=[post.pk])
+
+
+def sending_post(mlist, **fields) -> OutgoingMessage:
+    now = timezone.now()
+    values = {
+        "attempts": 1,
+        "recipient_count": 20_000,
+        "sent_count": 12_345,
+        "deferred_count": 12,
+        "bounced_count": 3,
+        "sending_since": now - timedelta(seconds=15),
+        "rate": 850.4,
+        "finish_estimate": now,
+        "leased_until": now + timedelta(minutes=5),
+        **fields,
+    }
+    return make_post(mlist, Status.SENDING, subject="Today's post", **values)
+
+
+def test_the_queue_shows_a_sending_post_with_progress_rate_and_finish_estimate(admin_client, mlist):
+    post = sending_post(mlist)
+    eta = timezone.localtime(post.finish_estimate).strftime("%H:%M UTC")
+
+    html = admin_client.get(reverse(QUEUE)).content.decode()
+
+    assert "Sending" in html and '<progress max="20000" value="12348"' in html
+    assert (
+        f"12,345 / 20,000 accepted · 12 deferred · 3 bounced · 0 failed · 850/s · done ≈ {eta}"
+        in html
+    )
+    assert "ld-sending" in html and "ld-queued" not in html
+
+
+def test_the_queue_tells_scheduled_stalled_held_and_paused_posts_apart(admin_client, mlist):
+    later = timezone.now() + timedelta(days=2)
+    make_post(mlist, Status.QUEUED, subject="Scheduled", next_attempt_at=later)
+    sending_post(mlist, leased_until=timezone.now() - timedelta(seconds=1))
+    make_post(
+        mlist,
+        Status.HELD,
+        next_attempt_at=None,
+        problem="auth",
+        last_error="535 5.7.8 Authentication credentials invalid",
+    )
+    make_post(mlist, Status.PAUSED, {"aperson@example.com": RStatus.PENDING})
+
+    html = admin_client.get(reverse(QUEUE)).content.decode()
+
+    when = timezone.localtime(later).strftime("%-d %b %Y, %H:%M UTC")
+    assert f"Scheduled for {when}" in html
+    assert "ld-scheduled" in html and "ld-queued" not in html, "scheduled, not queued"
+    assert "Sending — stalled, will be taken over" in html
+    assert 'title="535 5.7.8 Authentication credentials invalid">Held: auth</div>' in html
+    assert "Paused" in html and "0 / 1 accepted" in html
+
+
+def test_the_queue_costs_the_same_queries_with_300_posts_as_with_one(
+    admin_client, mlist, django_assert_num_queries
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    make_post(mlist, Status.RETRY, {"aperson@example.com": RStatus.DEFERRED})
+    admin_client.get(reverse("admin:index"))
+    with CaptureQueriesContext(connection) as one:
+        admin_client.get(reverse(QUEUE))
+    OutgoingMessage.objects.bulk_create(
+        OutgoingMessage(
+            mailing_list=mlist,
+            list_id=mlist.list_id,
+            message=post_bytes(),
+            status=state,
+            recipient_count=10,
+            sent_count=4,
+            problem="connection" if state == Status.HELD else "",
+        )
+        for state in [Status.SENDING, Status.HELD, Status.PAUSED, Status.DELIVERED] * 75
+    )
+    with django_assert_num_queries(len(one)):
+        html = admin_client.get(reverse(QUEUE)).content.decode()
+    assert html.count("4 / 10 accepted") == 100
+
+
+def test_a_post_page_tells_its_story_after_a_real_delivery(
+    admin_client, deliver_to, smtpd, mlist, first_post
+):
+    smtpd.fail_rcpt = {
+        "bperson@example.com": "550 5.1.1 No such user",
+        "cperson@example.com": "450 4.2.0 Mailbox busy",
+    }
+    post = queue_post(mlist, first_post)
+    run()
+    post.refresh_from_db()
+    assert post.status == Status.RETRY
+
+    html = post_page(admin_client, post)
+
+    assert "1 / 3 accepted · 1 deferred · 1 bounced · 0 failed" in html
+    attempt = post.attempt_log.get()
+    assert f"<td>{attempt.runner}</td>" in html and ">retry</td>" in html
+    assert "attempts left no record" not in html and "attempt left no record" not in html
+    assert "<td>1</td><td>Refused permanently</td><td>550</td><td>5.1.1 No such user</td>" in html
+    assert "4.2.0 Mailbox busy" in html
+    assert "No: VERP_DELIVERY_INTERVAL is 0: no post is VERP&#x27;d." in html
+    assert '<td id="post-personalization">No personalization</td>' in html
+    assert 'id="post-retry"' in html and 'id="post-pause"' in html
+    assert 'id="post-resume"' not in html
+
+
+def test_replies_are_grouped_largest_first_and_pending_recipients_are_never_listed(
+    admin_client, mlist
+):
+    post = make_post(
+        mlist, Status.SENDING, attempts=3, leased_until=timezone.now() + timedelta(minutes=1)
+    )
+    OutgoingRecipient.objects.bulk_create(
+        [
+            *(
+                OutgoingRecipient(
+                    message=post,
+                    address=f"busy{i}@example.org",
+                    status=RStatus.DEFERRED,
+                    smtp_code=451,
+                    smtp_message="4.7.1 Greylisted",
+                )
+                for i in range(30)
+            ),
+            *(
+                OutgoingRecipient(
+                    message=post,
+                    address=f"gone{i}@example.org",
+                    status=RStatus.BOUNCED,
+                    smtp_code=550,
+                    smtp_message="5.1.1 No such user",
+                )
+                for i in range(5)
+            ),
+            *(OutgoingRecipient(message=post, address=f"p{i}@example.org") for i in range(500)),
+        ]
+    )
+    DeliveryAttempt.objects.create(
+        message=post,
+        number=1,
+        runner="host:1",
+        started_at=timezone.now(),
+        finished_at=timezone.now(),
+        outcome="retry",
+    )
+
+    html = post_page(admin_client, post)
+
+    greylisted = html.index("<td>30</td><td>Deferred by a temporary failure</td><td>451</td>")
+    assert greylisted < html.index("<td>5</td><td>Refused permanently</td><td>550</td>")
+    assert "p1@example.org" not in html and "Pending" not in html
+    # three attempts: one recorded, one running now, one that left nothing behind
+    assert "1 attempt left no record (a runner stopped without finishing)." in html
+
+
+def test_the_decisions_say_why_a_post_was_verped_and_how_it_was_personalized(
+    admin_client, settings, mlist
+):
+    settings.LISTDELIVERY = {"VERP_PERSONALIZED_DELIVERIES": True}
+    mlist.personalize = Personalization.FULL
+    mlist.save()
+    delivered = make_post(
+        mlist, Status.DELIVERED, metadata={"verp": True, "personalize": Personalization.FULL}
+    )
+    forced = make_post(
+        mlist, Status.DELIVERED, metadata={"verp": False, "personalize": Personalization.FULL}
+    )
+    waiting = make_post(mlist, Status.QUEUED)
+
+    assert "Yes: the list is personalized and VERP_PERSONALIZED_DELIVERIES is on." in post_page(
+        admin_client, delivered
+    )
+    assert "One copy per member, addressed to them</td>" in post_page(admin_client, delivered)
+    assert "No: set for this post by whoever queued it (its metadata)" in post_page(
+        admin_client, forced
+    )
+    page = post_page(admin_client, waiting)
+    assert "Yes, if it were delivered now: the list is personalized" in page
+    assert "the list&#x27;s current setting; this post has no record of its own yet." in page
+
+
+def test_a_held_post_shows_its_problem_with_the_remedy(admin_client, mlist):
+    from listdelivery.rules import PROBLEMS
+
+    post = make_post(mlist, Status.HELD, next_attempt_at=None, problem="auth")
+
+    html = post_page(admin_client, post)
+
+    assert "Held: auth" in html and PROBLEMS["auth"] in html
+    assert "Held until an administrator retries it." in html
+
+
+def test_the_progress_fragment_is_polled_only_while_the_post_moves(admin_client, mlist):
+    sending = sending_post(mlist)
+    delivered = make_post(mlist, Status.DELIVERED, {"aperson@example.com": RStatus.SENT})
+
+    fragment = admin_client.get(button(sending, "progress"))
+
+    assert fragment.status_code == 200
+    text = fragment.content.decode()
+    assert "data-live" in text and "12,345 / 20,000 accepted" in text
+    assert "<html" not in text, "a fragment, not a page"
+    assert f'data-url="{button(sending, "progress")}"' in post_page(admin_client, sending)
+    assert "data-live" not in admin_client.get(button(delivered, "progress")).content.decode()
+
+
+def test_the_fragment_needs_view_permission_and_shows_buttons_only_with_change_permission(
+    client, django_user_model, viewer, mlist
+):
+    post = make_post(mlist, Status.RETRY, {"aperson@example.com": RStatus.DEFERRED})
+    client.force_login(django_user_model.objects.create_user("nobody", is_staff=True))
+    denied = client.get(button(post, "progress"))
+    assert denied.status_code == 403
+    assert "You do not have permission to see the outgoing messages." in denied.content.decode()
+
+    client.force_login(viewer)
+    shown = client.get(button(post, "progress")).content.decode()
+    assert "0 / 1 accepted" in shown and "<button" not in shown
+    assert 'id="post-pause"' not in post_page(client, post)
+
+    client.force_login(grant(viewer, "change_outgoingmessage"))
+    assert 'id="post-pause"' in client.get(button(post, "progress")).content.decode()
+
+
+def test_pause_resume_and_retry_buttons_act_on_the_post_log_and_come_back(admin_client, mlist):
+    from django.contrib.admin.models import LogEntry
+
+    post = make_post(mlist, Status.RETRY, {"aperson@example.com": RStatus.DEFERRED}, attempts=1)
+    page = reverse("admin:listdelivery_outgoingmessage_change", args=[post.pk])
+
+    paused = admin_client.post(button(post, "pause"))
+    assert (paused.status_code, paused.url) == (302, page)
+    post.refresh_from_db()
+    assert post.status == Status.PAUSED
+    html = admin_client.get(page).content.decode()
+    assert "1 post was paused." in html and 'id="post-resume"' in html
+    assert 'id="post-pause"' not in html
+
+    admin_client.post(button(post, "resume"))
+    post.refresh_from_db()
+    assert post.status == Status.RETRY
+    admin_client.post(button(post, "retry"))
+
+    assert list(LogEntry.objects.order_by("pk").values_list("change_message", flat=True)) == [
+        "Paused delivery.",
+        "Resumed delivery.",
+        "Retried now.",
+    ]
+    assert admin_client.get(button(post, "pause")).status_code == 405
+
+
+def test_the_cancel_button_asks_first_and_comes_back_to_the_post(admin_client, mlist):
+    post = make_post(mlist, Status.QUEUED, {"aperson@example.com": RStatus.PENDING})
+    page = reverse("admin:listdelivery_outgoingmessage_change", args=[post.pk])
+
+    question = admin_client.post(button(post, "cancel"))
+
+    text = question.content.decode()
+    assert "Cancel the delivery of this post?" in text
+    assert f'href="{page}" class="button cancel-link"' in text
+    post.refresh_from_db()
+    assert post.status == Status.QUEUED
+    answer = admin_client.post(button(post, "cancel"), {"confirm": "yes"})
+    assert answer.url == page
+    post.refresh_from_db()
+    assert post.status == Status.DISCARDED
+
+
+def test_buttons_without_change_permission_get_a_styled_403_and_change_nothing(
+    client, viewer, mlist
+):
+    post = make_post(mlist, Status.RETRY, {"aperson@example.com": RStatus.DEFERRED})
+    client.force_login(viewer)
+
+    for name in ("retry", "pause", "resume", "cancel"):
+        response = client.post(button(post, name), {"confirm": "yes"})
+        assert response.status_code == 403, name
+        text = response.content.decode()
+        assert "You do not have permission to change the delivery of posts." in text
+        assert 'id="site-name"' in text, "the admin's own page, not a bare 403"
+    post.refresh_from_db()
+    assert post.status == Status.RETRY
+
+
+def test_the_dashboard_denies_with_the_admin_look_and_unpermitted_links_are_hidden(client, staff):
+    client.force_login(grant(staff, "view_member"))
+
+    denied = client.get(reverse(DASHBOARD))
+    members = client.get(reverse("admin:listdelivery_member_changelist")).content.decode()
+
+    assert denied.status_code == 403
+    assert "You do not have permission to see the delivery dashboard." in denied.content.decode()
+    assert reverse(DASHBOARD) not in members
+    assert reverse("admin:listdelivery_bounceevent_changelist") not in members
+
+
+def test_members_show_their_last_bounce_and_link_to_their_bounce_events(admin_client, mlist):
+    other = MailingList.objects.create(address="other@example.com")
+    BounceEvent.objects.bulk_create(
+        [
+            BounceEvent(
+                mailing_list=mlist,
+                address="bperson@example.com",
+                smtp_code=452,
+                smtp_message="4.2.2 Mailbox full",
+                created_at=timezone.now() - timedelta(days=2),
+            ),
+            BounceEvent(
+                mailing_list=mlist,
+                address="BPerson@example.com",
+                smtp_code=550,
+                smtp_message="5.1.1 No such user",
+            ),
+            BounceEvent(mailing_list=other, address="bperson@example.com", smtp_code=554),
+        ]
+    )
+    bart = mlist.members.get(address="bperson@example.com")
+
+    html = admin_client.get(reverse("admin:listdelivery_member_changelist")).content.decode()
+
+    assert "550 5.1.1 No such user" in html and "Mailbox full" not in html
+    assert html.count(">Show events</a>") == 1, "a link only for members with events"
+    link = html.split(">Show events</a>")[0].rsplit('href="', 1)[1].split('"')[0]
+    events = admin_client.get(link.replace("&amp;", "&")).context["cl"].result_list
+    assert {(e.mailing_list, e.smtp_code) for e in events} == {(mlist, 452), (mlist, 550)}
+    page = admin_client.get(reverse("admin:listdelivery_member_change", args=[bart.pk]))
+    assert "2 bounce events</a>" in page.content.decode()
+    assert "Latest: 550 5.1.1 No such user" in page.content.decode()
+
+
+def test_the_member_change_list_stays_a_few_queries_with_many_bounces(
+    admin_client, mlist, django_assert_max_num_queries
+):
+    Member.objects.bulk_create(
+        Member(mailing_list=mlist, address=f"m{i:04d}@example.org") for i in range(300)
+    )
+    BounceEvent.objects.bulk_create(
+        BounceEvent(mailing_list=mlist, address=f"m{i % 300:04d}@example.org", smtp_code=550)
+        for i in range(900)
+    )
+    admin_client.get(reverse("admin:index"))
+    with django_assert_max_num_queries(6):
+        html = admin_client.get(reverse("admin:listdelivery_member_changelist")).content
+    assert html.count(b">Show events</a>") == 97  # the first page: 100 rows, 3 without events
+
+
+def test_the_personalization_selects_of_the_lists_change_list_are_labelled(admin_client, mlist):
+    html = admin_client.get(reverse("admin:listdelivery_mailinglist_changelist")).content.decode()
+    assert 'aria-label="Personalization of test@example.com"' in html
