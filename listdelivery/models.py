@@ -454,3 +454,79 @@ class RunnerPass(models.Model):
 
     def __str__(self) -> str:
         return f"{self.runner} at {self.finished_at}"
+
+
+class LimitState(models.Model):
+    """One shared rate limit: its GCRA state and the rate learned from the server's replies.
+
+    Times are seconds since the epoch (``time.time()``), not datetimes, so that
+    one UPDATE can do the arithmetic on SQLite and PostgreSQL alike.
+    """
+
+    key = models.CharField(_("limit"), max_length=200, unique=True)
+    rate = models.CharField(
+        _("configured rate"), max_length=50, blank=True, help_text=_("As last used, e.g. 14/s.")
+    )
+    tat = models.FloatField(
+        _("theoretical arrival time"),
+        default=0.0,
+        help_text=_("When the tokens taken so far will all have been paid back."),
+    )
+    learned = models.FloatField(
+        _("learned share of the rate"),
+        default=1.0,
+        help_text=_("Lowered at once by a 'slow down' reply, raised again after quiet periods."),
+    )
+    changed_at = models.FloatField(_("learned share changed at"), default=0.0)
+    decreased_at = models.FloatField(_("last slowed down at"), default=0.0)
+    throttled_until = models.FloatField(
+        _("throttled until"), default=0.0, help_text=_("Nothing is taken before this time.")
+    )
+
+    class Meta:
+        ordering = ["key"]
+        verbose_name = _("rate limit")
+        verbose_name_plural = _("rate limits")
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class LimitSlot(models.Model):
+    """One of the connection slots of a limit; free when no one holds it or its holder's time ran out."""
+
+    key = models.CharField(_("limit"), max_length=200)
+    number = models.PositiveIntegerField(_("slot"))
+    holder = models.CharField(_("holder"), max_length=200, blank=True)
+    token = models.CharField(max_length=32, blank=True, editable=False)
+    expires_at = models.FloatField(_("expires at"), default=0.0)
+
+    class Meta:
+        ordering = ["key", "number"]
+        verbose_name = _("connection slot")
+        verbose_name_plural = _("connection slots")
+        constraints = [
+            models.UniqueConstraint(fields=["key", "number"], name="listdelivery_slot_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} #{self.number}"
+
+
+class LimitQuota(models.Model):
+    """What one quota has used on one UTC day."""
+
+    key = models.CharField(_("limit"), max_length=200)
+    day = models.DateField(_("day (UTC)"))
+    used = models.PositiveBigIntegerField(_("used"), default=0)
+
+    class Meta:
+        ordering = ["key", "-day"]
+        verbose_name = _("daily quota")
+        verbose_name_plural = _("daily quotas")
+        constraints = [
+            models.UniqueConstraint(fields=["key", "day"], name="listdelivery_quota_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.day}"

@@ -1,0 +1,350 @@
+"""Shared limits, against the database and against Redis: rates, learned rates, slots, quotas.
+
+Real time in short spans, real stores, and real processes where the claim is
+that every runner shares one limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from listdelivery.limits import (
+    DatabaseStore,
+    LimitStore,
+    Rate,
+    RedisStore,
+    parse_rates,
+    seconds_until_quota_reopens,
+    store_for,
+)
+
+from .conftest import ROOT, database_url
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_or_skip():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({error}); set REDIS_URL")
+    return client
+
+
+# Transactional: worker processes must see what the test writes, and the other way round.
+@pytest.fixture(
+    params=[pytest.param("database", marks=pytest.mark.django_db(transaction=True)), "redis"]
+)
+def store(request):
+    if request.param == "database":
+        yield DatabaseStore()
+        return
+    client = redis_or_skip()
+    prefix = f"test-limits-{uuid.uuid4().hex}:"
+    yield RedisStore(client, prefix=prefix)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+def same_kind(store: LimitStore, **aimd: float) -> LimitStore:
+    """A store on the same state as ``store``: what another process, or a restart, would build."""
+    if isinstance(store, RedisStore):
+        return RedisStore(store.redis, prefix=store.prefix, **aimd)
+    return DatabaseStore(**aimd)
+
+
+def take_for(store: LimitStore, key: str, rate: Rate, seconds: float) -> int:
+    """Take one token at a time for ``seconds``, waiting as told; how many were granted."""
+    granted, end = 0, time.time() + seconds
+    while (now := time.time()) < end:
+        wait = store.take(key, rate)
+        if wait == 0:
+            granted += 1
+        else:
+            time.sleep(min(wait, end - now))
+    return granted
+
+
+# --- Reading rates -------------------------------------------------------------------------
+
+
+def test_rates_are_read_as_a_count_per_second_minute_hour_or_day():
+    assert Rate.parse("14/s") == Rate(14, 1.0)
+    assert Rate.parse("1000/h") == Rate(1000, 3600.0)
+    assert Rate.parse(" 50000 / day ") == Rate(50000, 86400.0)
+    assert Rate.parse("100/10s") == Rate(100, 10.0)
+    assert Rate.parse("14/s").interval == pytest.approx(1 / 14)
+    assert [str(rate) for rate in parse_rates("14/s, 50000/d")] == ["14/s", "50000/d"]
+    assert parse_rates(["1000/h"]) == [Rate(1000, 3600.0)]
+    assert parse_rates("") == []
+
+
+@pytest.mark.parametrize("text", ["", "fast", "14", "14/w", "1.5/s", "-3/s"])
+def test_a_rate_that_is_not_a_count_per_unit_is_refused_with_an_example(text):
+    with pytest.raises(ValueError, match="such as 14/s, 1000/h or 50000/d"):
+        Rate.parse(text)
+
+
+def test_a_rate_of_nothing_is_refused():
+    with pytest.raises(ValueError, match="allows nothing"):
+        Rate.parse("0/s")
+
+
+def test_the_default_burst_keeps_any_second_within_a_few_percent_of_the_rate():
+    assert Rate.parse("200/s").default_burst() == 8  # at most 208 in any second
+    assert Rate.parse("14/s").default_burst() == 1
+    assert Rate.parse("50000/d").default_burst() == 1
+
+
+# --- Rates: GCRA -----------------------------------------------------------------------------
+
+
+def test_200_per_second_for_half_a_second_grants_about_a_hundred(store):
+    rate = Rate.parse("200/s")
+    granted = take_for(store, "relay:sink", rate, 0.5)
+    assert 85 <= granted <= 100 + rate.default_burst() + 1, granted
+
+
+def test_a_refused_take_takes_nothing_and_says_how_long_to_wait(store):
+    rate = Rate.parse("4/s")
+    assert store.take("relay:slow", rate, burst=1) == 0.0
+    first = store.take("relay:slow", rate, burst=1)
+    second = store.take("relay:slow", rate, burst=1)
+    assert 0.2 < first <= 0.25
+    assert 0.2 < second <= first, "a refusal took a token"
+
+
+def test_more_than_the_burst_at_once_goes_only_when_nothing_is_outstanding(store):
+    rate = Rate.parse("100/s")
+    assert store.take("relay:batch", rate, n=10, burst=2) == 0.0
+    one = store.take("relay:batch", rate, n=1, burst=2)
+    ten = store.take("relay:batch", rate, n=10, burst=2)
+    assert 0.05 < one <= 0.09
+    assert ten - one == pytest.approx(0.01, abs=0.005), "ten at once wait for all to be paid back"
+
+
+def test_a_421_stops_the_limit_for_the_time_asked(store):
+    rate = Rate.parse("100/s")
+    store.throttle_for("relay:busy", 0.3)
+    assert store.take("relay:busy", rate) == pytest.approx(0.3, abs=0.02)
+    store.throttle_for("relay:busy", 0.1)  # a shorter one does not cut the first short
+    assert store.take("relay:busy", rate) == pytest.approx(0.3, abs=0.02)
+    time.sleep(0.31)
+    assert store.take("relay:busy", rate) == 0.0
+
+
+# --- Learned rates: AIMD ---------------------------------------------------------------------
+
+
+def test_a_burst_of_slow_down_replies_halves_the_rate_once_and_quiet_brings_it_back(store):
+    store = same_kind(store, quiet=0.2, increase=0.25, hold=0.5)
+    rate = Rate.parse("100/s")
+    assert store.current("relay:ses") == 1.0
+
+    for _ in range(10):  # ten 454 replies to transactions that were already in flight
+        store.slow_down("relay:ses")
+    assert store.current("relay:ses") == 0.5
+
+    store.take("relay:ses", rate, burst=1)
+    assert store.take("relay:ses", rate, burst=1) == pytest.approx(0.02, abs=0.003)
+
+    time.sleep(0.21)
+    assert store.current("relay:ses") == pytest.approx(0.75)
+    time.sleep(0.2)
+    assert store.current("relay:ses") == 1.0
+
+
+def test_a_slow_down_after_the_hold_lowers_again_but_never_below_the_floor(store):
+    store = same_kind(store, hold=0.05)
+    assert store.slow_down("relay:ses", factor=0.5, floor=0.2) == 0.5
+    time.sleep(0.06)
+    assert store.slow_down("relay:ses", factor=0.5, floor=0.2) == 0.25
+    time.sleep(0.06)
+    assert store.slow_down("relay:ses", factor=0.5, floor=0.2) == 0.2
+
+
+# --- Connection slots ------------------------------------------------------------------------
+
+
+def test_connection_slots_cap_sessions_and_free_when_released_or_expired(store):
+    first = store.acquire_slot("relay:ses", 2, "runner a", ttl=0.3)
+    second = store.acquire_slot("relay:ses", 2, "runner b", ttl=10)
+    assert (first.number, second.number) == (0, 1)
+    assert store.acquire_slot("relay:ses", 2, "runner c", ttl=10) is None
+
+    store.release_slot(second)
+    third = store.acquire_slot("relay:ses", 2, "runner c", ttl=10)
+    assert third is not None and third.number == 1
+
+    assert store.renew_slot(first, ttl=0.2)
+    time.sleep(0.25)  # runner a stopped renewing
+    fourth = store.acquire_slot("relay:ses", 2, "runner d", ttl=10)
+    assert fourth is not None and fourth.number == 0
+    assert not store.renew_slot(first, ttl=10), "a slot someone else took was renewed"
+    store.release_slot(first)  # too late: releases nothing
+    assert store.snapshot("relay:ses")["sessions"] == 2
+
+
+# --- Daily quotas ----------------------------------------------------------------------------
+
+
+def test_a_daily_quota_grants_what_is_left_of_the_day(store):
+    assert store.consume_quota("relay:gmail", 10, 6) == 6
+    assert same_kind(store).consume_quota("relay:gmail", 10, 6) == 4
+    assert store.consume_quota("relay:gmail", 10, 1) == 0
+    assert store.consume_quota("relay:other", 10, 1) == 1
+    assert 0 < seconds_until_quota_reopens() <= 86400
+    assert seconds_until_quota_reopens(86400 * 20000 + 3600) == 82800
+
+
+# --- What the dashboard reads ----------------------------------------------------------------
+
+
+def test_a_snapshot_shows_rate_learned_rate_throttle_sessions_and_quota(store):
+    assert store.snapshot("relay:ses") == {
+        "key": "relay:ses",
+        "rate": "",
+        "learned": 1.0,
+        "learned_rate": None,
+        "slowed_down_at": None,
+        "throttled_until": None,
+        "sessions": 0,
+        "quota_used": 0,
+    }
+    store.take("relay:ses", Rate.parse("14/s"))
+    store.slow_down("relay:ses")
+    store.throttle_for("relay:ses", 60)
+    store.acquire_slot("relay:ses", 3, "runner a", ttl=60)
+    store.consume_quota("relay:ses", 1000, 7)
+
+    shown = store.snapshot("relay:ses")
+    assert shown["rate"] == "14/s"
+    assert shown["learned"] == 0.5
+    assert shown["learned_rate"] == 7.0
+    assert shown["slowed_down_at"] is not None
+    assert 59 < (shown["throttled_until"] - shown["slowed_down_at"]).total_seconds() <= 60.1
+    assert (shown["sessions"], shown["quota_used"]) == (1, 7)
+
+
+# --- Where limits live -----------------------------------------------------------------------
+
+
+def test_limits_live_in_redis_when_django_q_does_and_in_the_database_otherwise(settings):
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "redis": REDIS_URL}
+    assert isinstance(store_for(), RedisStore)
+    settings.Q_CLUSTER = {k: v for k, v in settings.Q_CLUSTER.items() if k != "redis"}
+    assert isinstance(store_for(), DatabaseStore)
+    assert store_for("database") is store_for("database")
+    with pytest.raises(ValueError, match="use 'database' or a redis:// URL"):
+        store_for("memcached://localhost")
+
+
+# --- Real processes --------------------------------------------------------------------------
+
+WORKER = """
+import json, os, sys, time
+import django
+django.setup()
+from listdelivery.limits import DatabaseStore, Rate, RedisStore
+job = json.loads(sys.argv[1])
+store = DatabaseStore() if job["store"] == "database" else RedisStore(job["store"], prefix=job["prefix"])
+if job["do"] == "take":
+    rate, granted = Rate.parse(job["rate"]), 0
+    time.sleep(max(job["start"] - time.time(), 0))
+    while (now := time.time()) < job["end"]:
+        wait = store.take(job["key"], rate)
+        if wait == 0:
+            granted += 1
+        else:
+            time.sleep(min(wait, job["end"] - now))
+    print(granted)
+elif job["do"] == "hold slot":
+    slot = store.acquire_slot(job["key"], job["limit"], f"pid {os.getpid()}", job["ttl"])
+    print(json.dumps(slot and slot.number), flush=True)
+    while slot and store.renew_slot(slot, job["ttl"]):  # as a live SMTP session does
+        time.sleep(job["ttl"] / 4)
+elif job["do"] == "quota":
+    print(store.consume_quota(job["key"], job["limit"], job["n"]))
+"""
+
+
+def worker(store: LimitStore, **job) -> subprocess.Popen:
+    """A process of its own, configured like a runner, acting on the same limits as ``store``."""
+    if isinstance(store, RedisStore):
+        job.update(store=REDIS_URL, prefix=store.prefix)
+    else:
+        job.update(store="database")
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DATABASE_URL": database_url(),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, json.dumps(job)],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def output(process: subprocess.Popen) -> str:
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    return stdout
+
+
+@pytest.mark.slow
+def test_two_processes_taking_from_one_limit_never_exceed_its_rate_together(store):
+    rate, seconds = Rate.parse("100/s"), 1.0
+    start = time.time() + 4  # both processes set up by then, even on a busy machine
+    processes = [
+        worker(store, do="take", key="relay:shared", rate="100/s", start=start, end=start + seconds)
+        for _ in range(2)
+    ]
+    counts = [int(output(process)) for process in processes]
+
+    assert sum(counts) <= seconds * rate.per_second + rate.default_burst() + 1, counts
+    assert sum(counts) >= 0.8 * seconds * rate.per_second, counts
+    assert min(counts) > 0, "one process got nothing"
+
+
+@pytest.mark.slow
+def test_slots_cap_sessions_across_processes_and_a_killed_holders_slot_frees_after_its_ttl(
+    store,
+):
+    holders = [worker(store, do="hold slot", key="relay:anvil", limit=2, ttl=1.0) for _ in range(2)]
+    try:
+        numbers = sorted(json.loads(holder.stdout.readline()) for holder in holders)
+        assert numbers == [0, 1]
+        assert store.acquire_slot("relay:anvil", 2, "this process", ttl=10) is None
+
+        os.kill(holders[0].pid, signal.SIGKILL)
+        holders[0].wait()
+        time.sleep(1.05)
+        assert store.acquire_slot("relay:anvil", 2, "this process", ttl=10) is not None
+        assert store.acquire_slot("relay:anvil", 2, "this process", ttl=10) is None
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.communicate()
+
+
+@pytest.mark.slow
+def test_a_daily_quota_holds_across_a_restart_of_every_process(store):
+    assert output(worker(store, do="quota", key="relay:daily", limit=1000, n=600)) == "600\n"
+    restarted = same_kind(store)  # a new process after the first one ended
+    assert restarted.consume_quota("relay:daily", 1000, 600) == 400
+    assert restarted.snapshot("relay:daily")["quota_used"] == 1000
