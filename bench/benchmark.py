@@ -155,9 +155,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default="baseline,personalized,bulk,many,memory",
-        help="comma-separated scenarios to run, of baseline, personalized, bulk, many, memory "
-        "(the baseline always runs)",
+        default="baseline,personalized,bulk,many,memory,dashboard",
+        help="comma-separated scenarios to run, of baseline, personalized, bulk, many, memory, "
+        "dashboard (the baseline always runs)",
+    )
+    parser.add_argument(
+        "--dashboard-rows",
+        type=int,
+        help="recipient rows under the dashboard's 30-day chart (default 5000000; --quick 100000)",
     )
     parser.add_argument(
         "--profile",
@@ -189,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(options, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     options.only = {s.strip() for s in options.only.split(",") if s.strip()}
-    unknown = options.only - {"baseline", "personalized", "bulk", "many", "memory"}
+    unknown = options.only - {"baseline", "personalized", "bulk", "many", "memory", "dashboard"}
     if unknown:
         parser.error(f"unknown scenarios in --only: {', '.join(sorted(unknown))}")
     return options
@@ -1285,6 +1290,12 @@ def render_diagnostics(diagnostics: dict[str, Any]) -> str:
             f"{personalized['enqueue_queries']} to queue"
         )
         out.append("  " + ", ".join(f"{k} {v}" for k, v in personalized["deliver_breakdown"]))
+    chart = diagnostics.get("dashboard")
+    if chart:
+        out.append(
+            f"dashboard, 30-day chart over {chart['recipient_rows']:,} recipient rows: COUNT by "
+            f"day {chart['old_ms']} ms, hourly totals {chart['new_ms']} ms ({chart['ratio']}x)"
+        )
     return "\n".join(out)
 
 
@@ -1407,6 +1418,13 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" in options.only:
                 bench.run_memory()
             bench.run_query_counts()
+            if "dashboard" in options.only:
+                from bench import dashboard
+
+                rows = options.dashboard_rows or (
+                    dashboard.QUICK_ROWS if options.quick else dashboard.FULL_ROWS
+                )
+                bench.diagnostics["dashboard"] = dashboard.run(rows, bench.progress)
             if options.profile:
                 bench.run_profiles(Path(options.json).parent)
         except CorrectnessError as failure:
