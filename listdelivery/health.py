@@ -339,7 +339,8 @@ def _problems() -> list[ProblemGroup]:
         )
         .order_by("problem")
     )
-    password = conf.get_config()["SMTP_PASSWORD"]
+    # As written: a bad value of another setting must not break the banner (nor the dashboard).
+    password = str(conf.user_settings().get("SMTP_PASSWORD") or "")
     groups = []
     for row in rows:
         kind = row["problem"] or "server"  # a hold from before problems had kinds

@@ -379,7 +379,7 @@ def test_the_queue_shows_status_subject_message_id_progress_and_errors(admin_cli
     assert "Minutes" in html and "&lt;minutes@example.com&gt;" in html
     assert "1 / 3 accepted · 1 deferred · 0 bounced · 0 failed" in html
     assert '<progress max="3" value="1"' in html
-    assert '<td class="field-attempts">2</td>' in html
+    assert "2 attempts · gives up after" in html
     assert 'title="2 recipients to retry; last reply: 450 4.2.0 Mailbox busy"' in html
     assert "gives up after" in html
 
@@ -785,7 +785,8 @@ def test_pages_stay_fast_with_100000_members_and_10000_queued_posts(
     timings = {}
     for url in pages:
         began = time.monotonic()
-        with django_assert_max_num_queries(8):
+        # The dashboard carries the health banner, whose five queries come on top.
+        with django_assert_max_num_queries(11 if url == reverse(DASHBOARD) else 8):
             response = admin_client.get(url)
         timings[url] = time.monotonic() - began
         assert response.status_code == 200, url
