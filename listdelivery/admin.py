@@ -10,6 +10,7 @@ whatever its size.
 from __future__ import annotations
 
 import email
+from datetime import timedelta
 from email.message import Message
 from typing import Any
 from urllib.parse import urlencode
@@ -673,7 +674,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     personalization decisions, and Retry / Pause / Resume / Cancel buttons.
     """
 
-    list_display = ("subject_line", "mailing_list", "state", "attempts", "next_attempt", "error")
+    list_display = ("subject_line", "mailing_list", "state", "next_attempt")
     list_display_links = ("subject_line",)
     list_filter = ("status", HealthFilter, ProblemFilter, "mailing_list")
     search_fields = ("message_id", "subject")
@@ -742,34 +743,41 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def state(self, obj: OutgoingMessage) -> str:
+        """Status, progress and counts, then the last error shortened (all of it on hover)."""
         state = post_state(obj)
+        error = ""
+        if obj.last_error and obj.status != Status.DELIVERED:
+            error = format_html(
+                '<div class="ld-error" title="{}">{}</div>',
+                obj.last_error,
+                Truncator(obj.last_error).chars(70),
+            )
         return format_html(
-            '<div class="ld-state ld-{}" title="{}">{}</div>{}<div class="ld-quiet">{}</div>',
+            '<div class="ld-state ld-{}" title="{}">{}</div>{}<div class="ld-quiet">{}</div>{}',
             state,
             obj.last_error if obj.status == Status.HELD else "",
             status_text(obj, state),
             progress_bar(obj),
             counts_text(obj),
+            error,
         )
 
     @admin.display(description=_("next attempt"), ordering="next_attempt_at")
     def next_attempt(self, obj: OutgoingMessage) -> Any:
+        """When it is tried next, until when, and how many attempts so far."""
         if obj.next_attempt_at is None and obj.status == Status.HELD:
-            return _("when an administrator retries it")
-        if obj.status not in (Status.QUEUED, Status.RETRY, Status.HELD):
-            return "—"
-        if obj.deliver_until is None:
-            return moment(obj.next_attempt_at)
+            when = _("when an administrator retries it")
+        elif obj.status not in (Status.QUEUED, Status.RETRY, Status.HELD):
+            when = "—"
+        else:
+            when = moment(obj.next_attempt_at)
+        notes = [ngettext("%d attempt", "%d attempts", obj.attempts) % obj.attempts]
+        if obj.deliver_until is not None and obj.status in OutgoingMessage.WAITING:
+            notes.append(_("gives up after %s") % moment(obj.deliver_until))
         return format_html(
             '{}<div class="ld-quiet">{}</div>',
-            moment(obj.next_attempt_at),
-            _("gives up after %s") % moment(obj.deliver_until),
-        )
-
-    @admin.display(description=_("last error"), ordering="last_error")
-    def error(self, obj: OutgoingMessage) -> str:
-        return format_html(
-            '<span title="{}">{}</span>', obj.last_error, Truncator(obj.last_error).chars(60)
+            when,
+            format_html_join(" · ", "{}", ((note,) for note in notes)),
         )
 
     # -- the post's page
@@ -814,6 +822,9 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     ) -> HttpResponse:
         if obj is not None:
             attempts = list(obj.attempt_log.order_by("started_at", "id"))
+            for attempt in attempts:
+                took = (attempt.finished_at - attempt.started_at).total_seconds()
+                attempt.took = dashboard.human_duration(timedelta(seconds=round(took, 1)))
             story = self.progress_context(request, obj, attempts)
             running = story["state"] in ("sending", "stopping")
             context.update(

@@ -8,7 +8,9 @@ either is missing. Screenshots go to ``test-artifacts/browser/``.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
+from email import message_from_string
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,14 @@ from django.utils import timezone
 from listdelivery.models import (
     DeliveryHour,
     MailingList,
+    Member,
     OutgoingMessage,
     OutgoingRecipient,
     Personalization,
 )
 from listdelivery.progress import hour_of
+
+from .conftest import deliver_pending, queue_post, subprocess_environment
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
@@ -46,8 +51,27 @@ SCREENSHOTS = (
     "6-post",
     "7-dashboard",
 )
+# The post going out: taken by the second test.
+SENDING_SCREENSHOTS = (
+    "8-queue-sending",
+    "9-post-sending",
+    "10-post-paused",
+    "11-post-delivered",
+    "12-members",
+    "13-bounce-events",
+    "14-dashboard-after",
+    "15-forbidden",
+)
+MEMBERS = 3_000
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_artifacts():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
 
 
 @pytest.fixture
@@ -61,9 +85,6 @@ def browser(live_server, monkeypatch):
     # Playwright's sync API keeps an event loop in this thread; the ORM calls the
     # test makes between browser steps are ordinary blocking calls.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):
-        old.unlink()
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -151,10 +172,10 @@ def test_a_list_administrator_personalizes_a_list_retries_a_post_and_reads_the_d
         "cperson@example.com": RStatus.PENDING,
     }
     page.goto(f"{live_server.url}/admin/listdelivery/outgoingmessage/")
-    assert page.inner_text("td.field-remaining") == "1"
+    assert "1 / 3 accepted · 0 deferred · 1 bounced" in page.inner_text("td.field-state")
     assert "Waiting to retry" in page.inner_text("#result_list")
     shot("5-outgoing-messages")
-    page.click("#result_list th.field-status a")
+    page.click("#result_list th.field-subject_line a")
     page.wait_for_url("**/change/")
     assert "The minutes." in page.inner_text(".field-body pre")
     shot("6-post")
@@ -168,4 +189,123 @@ def test_a_list_administrator_personalizes_a_list_retries_a_post_and_reads_the_d
     assert MailingList.objects.get().address in page.inner_text("#post-counters")
     shot("7-dashboard")
 
-    assert {path.name for path in ARTIFACTS.glob("*.png")} == {f"{n}.png" for n in SCREENSHOTS}
+    assert {f"{n}.png" for n in SCREENSHOTS} <= {path.name for path in ARTIFACTS.glob("*.png")}
+
+
+def test_an_administrator_watches_a_post_go_out_pauses_it_and_resumes_it(
+    browser, transactional_db, live_server, django_user_model, settings, smtpd
+):
+    """A real runner process sends to 3,000 members through a slowed server."""
+    settings.LISTDELIVERY = {"ENQUEUE_TASKS": False}  # the runners below are the test's own
+    mlist = MailingList.objects.create(address="big@example.com")
+    Member.objects.bulk_create(
+        Member(mailing_list=mlist, address=f"member{i:05d}@example.org") for i in range(MEMBERS)
+    )
+    gone = "member00007@example.org"
+    smtpd.fail_rcpt = {gone: "550 5.1.1 No such user"}
+    smtpd.delay = 0.02  # each DATA: 300 transactions of 10 take some 6-8 s
+    msg = message_from_string(
+        "From: aperson@example.com\nSubject: Big news\nMessage-ID: <big@example.com>\n\nNews!\n"
+    )
+    post = queue_post(mlist, msg)
+    runner_environment = subprocess_environment(
+        smtpd, MAX_RECIPIENTS=10, CHECKPOINT_EVERY=5, ENQUEUE_TASKS="no"
+    )
+    django_user_model.objects.create_superuser("admin", "admin@example.com", "pw")
+    django_user_model.objects.create_user("helper", password="pw", is_staff=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(20_000)
+    post_url = f"{live_server.url}/admin/listdelivery/outgoingmessage/{post.pk}/change/"
+
+    def shot(name: str) -> None:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+    log_in(page, live_server, "admin")
+    first = deliver_pending(runner_environment)
+
+    # The queue: the row says "Sending" with its progress, and fits at 1280 px.
+    queue = f"{live_server.url}/admin/listdelivery/outgoingmessage/"
+    page.goto(queue)
+    while not page.locator("#result_list .ld-sending").count():
+        page.wait_for_timeout(200)
+        page.goto(queue)
+    assert "/ 3,000 accepted" in page.inner_text("td.field-state")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    fits = "(box => box.scrollWidth <= box.clientWidth)(document.querySelector('.results'))"
+    shot("8-queue-sending")
+    assert page.evaluate(fits), "every column of the queue fits at 1280 px"
+    shot("8-queue-sending")
+
+    # The post's page: the progress moves without a reload.
+    page.goto(post_url)
+    page.evaluate("window.notReloaded = true")
+    before = page.inner_text("#post-progress .ld-counts")
+    page.wait_for_function(
+        "before => document.querySelector('#post-progress .ld-counts').textContent.trim()"
+        " !== before.trim()",
+        arg=before,
+    )
+    assert page.evaluate("window.notReloaded") is True, "the block was fetched, not the page"
+    shot("9-post-sending")
+
+    # Pause: once the page says the runner stopped, the server receives nothing more.
+    page.click("#post-pause")
+    page.wait_for_selector(".messagelist .success")
+    page.wait_for_selector("#post-attempts .ld-outcome:has-text('paused')")
+    assert page.locator("#post-progress [data-state=paused]").count() == 1
+    shot("10-post-paused")
+    _, stderr = first.communicate(timeout=30)
+    assert first.returncode == 0, stderr.decode()
+    received = len(smtpd.messages)
+    time.sleep(2)
+    assert len(smtpd.messages) == received, "the server received mail after the post was paused"
+    assert 0 < received < MEMBERS / 10, "paused mid-way"
+
+    # Resume: a runner goes on where the first stopped, and the page follows it to the end.
+    page.click("#post-resume")
+    page.wait_for_selector(".messagelist .success")
+    second = deliver_pending(runner_environment)
+    page.wait_for_selector("#post-attempts .ld-outcome:has-text('delivered')", timeout=30_000)
+    assert "Delivered" in page.inner_text("#post-progress")
+    assert "2,999 / 3,000 accepted · 0 deferred · 1 bounced" in page.inner_text("#post-progress")
+    assert "5.1.1 No such user" in page.inner_text("#post-refusals")
+    shot("11-post-delivered")
+    _, stderr = second.communicate(timeout=30)
+    assert second.returncode == 0, stderr.decode()
+    counts = smtpd.recipients_count()
+    assert len(counts) == MEMBERS - 1 and gone not in counts
+    assert set(counts.values()) == {1}, "a member got the post twice"
+
+    # Which members bounce: the member list shows the reply and links to the events.
+    page.goto(f"{live_server.url}/admin/listdelivery/member/?q=member0000")
+    assert "550 5.1.1 No such user" in page.inner_text("#result_list")
+    shot("12-members")
+    page.click("#result_list td.field-bounce_events a")
+    page.wait_for_url("**/bounceevent/**")
+    assert page.locator("#result_list tbody tr").count() == 1
+    assert gone in page.inner_text("#result_list")
+    shot("13-bounce-events")
+    page.goto(f"{live_server.url}/admin/listdelivery/mailinglist/dashboard/")
+    shot("14-dashboard-after")
+
+    # A staff member without permission gets the admin's own 403 page, and no link to it.
+    helper = browser.new_page(viewport={"width": 1280, "height": 900})
+    log_in(helper, live_server, "helper")
+    assert helper.locator("#listdelivery-dashboard-link").count() == 0
+    response = helper.goto(f"{live_server.url}/admin/listdelivery/mailinglist/dashboard/")
+    assert response.status == 403
+    assert "You do not have permission to see the delivery dashboard." in helper.inner_text(
+        "#content"
+    )
+    helper.screenshot(path=str(ARTIFACTS / "15-forbidden.png"), full_page=True)
+
+    names = {path.name for path in ARTIFACTS.glob("*.png")}
+    assert {f"{n}.png" for n in SENDING_SCREENSHOTS} <= names
+
+
+def log_in(page, live_server, username: str) -> None:
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", "pw")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/admin/")
