@@ -176,8 +176,18 @@ class LimitStore:
         raise NotImplementedError
 
     def slow_down(self, key: str, factor: float = 0.5, floor: float = LEARNED_FLOOR) -> float:
-        """A "slow down" reply: multiply the learned share by ``factor`` (once per ``hold``)."""
+        """A "slow down" reply: multiply the learned share by ``factor`` (once per ``hold``).
+
+        Returns the learned share now. ``floor`` is the least it goes down to.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def _check_slow_down(factor: float, floor: float) -> None:
+        if not (0 < factor < 1 and 0 < floor <= 1):
+            raise ValueError(
+                f"slow_down needs 0 < factor < 1 and 0 < floor <= 1, not {factor} and {floor}"
+            )
 
     def current(self, key: str) -> float:
         """The learned share of the configured rate, 1.0 when nothing was learned."""
@@ -273,7 +283,7 @@ class DatabaseStore(LimitStore):
     serializes writes, PostgreSQL re-checks the WHERE on the locked row.
 
     The rate statements are SQL text, not ORM expressions: building the
-    expressions took 5 ms a call, ten times the statement itself, on the path
+    expressions took 5 ms a call, sixty times the statement itself, on the path
     of every message. The text is the same on SQLite and PostgreSQL but for
     the names of two functions.
     """
@@ -322,6 +332,7 @@ class DatabaseStore(LimitStore):
             # else another runner changed the limit between the two statements: try again
 
     def slow_down(self, key: str, factor: float = 0.5, floor: float = LEARNED_FLOOR) -> float:
+        self._check_slow_down(factor, floor)
         self._create(key)
         self._execute(SQL_SLOW_DOWN, key=key, factor=factor, floor=floor, hold=self.hold)
         return self.current(key)
@@ -552,6 +563,7 @@ class RedisStore(LimitStore):
         return float(self._run(self._take, key, rate.interval, n, room, str(rate)))
 
     def slow_down(self, key: str, factor: float = 0.5, floor: float = LEARNED_FLOOR) -> float:
+        self._check_slow_down(factor, floor)
         return float(self._run(self._slow_down, key, factor, floor, self.hold))
 
     def current(self, key: str) -> float:

@@ -113,34 +113,43 @@ def test_the_default_burst_keeps_any_second_within_a_few_percent_of_the_rate():
 def test_200_per_second_for_half_a_second_grants_about_a_hundred(store):
     rate = Rate.parse("200/s")
     granted = take_for(store, "relay:sink", rate, 0.5)
-    assert 85 <= granted <= 100 + rate.default_burst() + 1, granted
+    # Never more than the rate and the burst; the least allows for a busy machine.
+    assert 60 <= granted <= 100 + rate.default_burst() + 1, granted
+
+
+def waits_about(wait: float, expected: float, since: float) -> bool:
+    """``wait`` is ``expected`` less the time gone by ``since`` then (a busy machine is slow)."""
+    return expected - (time.time() - since) <= wait <= expected + 1e-6
 
 
 def test_a_refused_take_takes_nothing_and_says_how_long_to_wait(store):
     rate = Rate.parse("4/s")
+    began = time.time()
     assert store.take("relay:slow", rate, burst=1) == 0.0
     first = store.take("relay:slow", rate, burst=1)
     second = store.take("relay:slow", rate, burst=1)
-    assert 0.2 < first <= 0.25
-    assert 0.2 < second <= first, "a refusal took a token"
+    assert waits_about(first, 0.25, began)
+    assert waits_about(second, 0.25, began) and second <= first, "a refusal took a token"
 
 
 def test_more_than_the_burst_at_once_goes_only_when_nothing_is_outstanding(store):
     rate = Rate.parse("100/s")
+    began = time.time()
     assert store.take("relay:batch", rate, n=10, burst=2) == 0.0
-    one = store.take("relay:batch", rate, n=1, burst=2)
+    assert waits_about(store.take("relay:batch", rate, n=1, burst=2), 0.09, began)
     ten = store.take("relay:batch", rate, n=10, burst=2)
-    assert 0.05 < one <= 0.09
-    assert ten - one == pytest.approx(0.01, abs=0.005), "ten at once wait for all to be paid back"
+    assert waits_about(ten, 0.1, began), "ten at once wait until all ten before are paid back"
 
 
 def test_a_421_stops_the_limit_for_the_time_asked(store):
     rate = Rate.parse("100/s")
+    began = time.time()
     store.throttle_for("relay:busy", 0.3)
-    assert store.take("relay:busy", rate) == pytest.approx(0.3, abs=0.02)
+    assert waits_about(store.take("relay:busy", rate), 0.3, began)
     store.throttle_for("relay:busy", 0.1)  # a shorter one does not cut the first short
-    assert store.take("relay:busy", rate) == pytest.approx(0.3, abs=0.02)
-    time.sleep(0.31)
+    wait = store.take("relay:busy", rate)
+    assert waits_about(wait, 0.3, began)
+    time.sleep(wait + 0.01)
     assert store.take("relay:busy", rate) == 0.0
 
 
@@ -148,20 +157,21 @@ def test_a_421_stops_the_limit_for_the_time_asked(store):
 
 
 def test_a_burst_of_slow_down_replies_halves_the_rate_once_and_quiet_brings_it_back(store):
-    store = same_kind(store, quiet=0.2, increase=0.25, hold=0.5)
+    store = same_kind(store, quiet=0.3, increase=0.25, hold=1.0)
     rate = Rate.parse("100/s")
     assert store.current("relay:ses") == 1.0
 
     for _ in range(10):  # ten 454 replies to transactions that were already in flight
         store.slow_down("relay:ses")
+    slowed = time.time()
     assert store.current("relay:ses") == 0.5
 
     store.take("relay:ses", rate, burst=1)
-    assert store.take("relay:ses", rate, burst=1) == pytest.approx(0.02, abs=0.003)
+    assert waits_about(store.take("relay:ses", rate, burst=1), 0.02, slowed), "not half the rate"
 
-    time.sleep(0.21)
-    assert store.current("relay:ses") == pytest.approx(0.75)
-    time.sleep(0.2)
+    time.sleep(0.3 - (time.time() - slowed) + 0.01)
+    assert store.current("relay:ses") == 0.75
+    time.sleep(0.3)
     assert store.current("relay:ses") == 1.0
 
 
@@ -172,6 +182,8 @@ def test_a_slow_down_after_the_hold_lowers_again_but_never_below_the_floor(store
     assert store.slow_down("relay:ses", factor=0.5, floor=0.2) == 0.25
     time.sleep(0.06)
     assert store.slow_down("relay:ses", factor=0.5, floor=0.2) == 0.2
+    with pytest.raises(ValueError, match="0 < floor"):
+        store.slow_down("relay:ses", floor=0)
 
 
 # --- Connection slots ------------------------------------------------------------------------
@@ -261,13 +273,15 @@ job = json.loads(sys.argv[1])
 store = DatabaseStore() if job["store"] == "database" else RedisStore(job["store"], prefix=job["prefix"])
 if job["do"] == "take":
     rate, granted = Rate.parse(job["rate"]), 0
-    time.sleep(max(job["start"] - time.time(), 0))
-    while (now := time.time()) < job["end"]:
+    print("ready", flush=True)
+    sys.stdin.readline()  # go: every worker starts at once
+    end = time.time() + job["seconds"]
+    while (now := time.time()) < end:
         wait = store.take(job["key"], rate)
         if wait == 0:
             granted += 1
         else:
-            time.sleep(min(wait, job["end"] - now))
+            time.sleep(min(wait, end - now))
     print(granted)
 elif job["do"] == "hold slot":
     slot = store.acquire_slot(job["key"], job["limit"], f"pid {os.getpid()}", job["ttl"])
@@ -294,6 +308,7 @@ def worker(store: LimitStore, **job) -> subprocess.Popen:
         [sys.executable, "-c", WORKER, json.dumps(job)],
         cwd=ROOT,
         env=environment,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -308,15 +323,20 @@ def output(process: subprocess.Popen) -> str:
 
 @pytest.mark.slow
 def test_two_processes_taking_from_one_limit_never_exceed_its_rate_together(store):
-    rate, seconds = Rate.parse("100/s"), 1.0
-    start = time.time() + 4  # both processes set up by then, even on a busy machine
+    rate, seconds = Rate.parse("100/s"), 0.5
     processes = [
-        worker(store, do="take", key="relay:shared", rate="100/s", start=start, end=start + seconds)
+        worker(store, do="take", key="relay:shared", rate="100/s", seconds=seconds)
         for _ in range(2)
     ]
+    for process in processes:
+        assert process.stdout.readline() == "ready\n", process.communicate()[1]
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
     counts = [int(output(process)) for process in processes]
 
-    assert sum(counts) <= seconds * rate.per_second + rate.default_burst() + 1, counts
+    # GCRA: at most rate × time + burst; one more for the moment between the two goes.
+    assert sum(counts) <= seconds * rate.per_second + rate.default_burst() + 2, counts
     assert sum(counts) >= 0.8 * seconds * rate.per_second, counts
     assert min(counts) > 0, "one process got nothing"
 
@@ -325,7 +345,8 @@ def test_two_processes_taking_from_one_limit_never_exceed_its_rate_together(stor
 def test_slots_cap_sessions_across_processes_and_a_killed_holders_slot_frees_after_its_ttl(
     store,
 ):
-    holders = [worker(store, do="hold slot", key="relay:anvil", limit=2, ttl=1.0) for _ in range(2)]
+    ttl = 0.6  # renewed every 0.15 s: a busy machine does not make it expire
+    holders = [worker(store, do="hold slot", key="relay:anvil", limit=2, ttl=ttl) for _ in range(2)]
     try:
         numbers = sorted(json.loads(holder.stdout.readline()) for holder in holders)
         assert numbers == [0, 1]
@@ -333,7 +354,7 @@ def test_slots_cap_sessions_across_processes_and_a_killed_holders_slot_frees_aft
 
         os.kill(holders[0].pid, signal.SIGKILL)
         holders[0].wait()
-        time.sleep(1.05)
+        time.sleep(ttl + 0.05)
         assert store.acquire_slot("relay:anvil", 2, "this process", ttl=10) is not None
         assert store.acquire_slot("relay:anvil", 2, "this process", ttl=10) is None
     finally:
