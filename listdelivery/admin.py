@@ -370,6 +370,12 @@ def verp_decision(post: OutgoingMessage) -> str:
     return f"{answer}: {why}."
 
 
+def may_view(request: HttpRequest, admin_site: admin.AdminSite, model: type[Model]) -> bool:
+    """Whether a link to ``model``'s pages would open for this user (no link otherwise)."""
+    model_admin = admin_site._registry.get(model)
+    return model_admin is not None and model_admin.has_view_permission(request)
+
+
 def forbidden(request: HttpRequest, admin_site: admin.AdminSite, what: str) -> TemplateResponse:
     """The admin's own look for "you may not", instead of the site's bare 403 page."""
     context = {**admin_site.each_context(request), "title": _("Permission denied"), "what": what}
@@ -498,6 +504,12 @@ class MailingListAdmin(admin.ModelAdmin):
     def failed(self, obj: MailingList) -> int:
         return obj.failed_count
 
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None:  # what its page may link to, for this user
+            obj.may_see_members = may_view(request, self.admin_site, Member)
+        return obj
+
     @admin.display(description=_("members"))
     def members(self, obj: MailingList) -> str:
         counts = Member.objects.filter(mailing_list=obj).aggregate(
@@ -509,6 +521,8 @@ class MailingListAdmin(admin.ModelAdmin):
             "%(total)d members (%(enabled)d with delivery enabled)",
             counts["total"],
         )
+        if not getattr(obj, "may_see_members", False):
+            return text % counts
         return format_html(
             '<a href="{}?mailing_list__id__exact={}">{}</a>', url, obj.pk, text % counts
         )
@@ -563,8 +577,7 @@ class MemberAdmin(admin.ModelAdmin):
         )
 
     def _may_see_bounces(self, request: HttpRequest) -> bool:
-        bounces = self.admin_site._registry.get(BounceEvent)
-        return bounces is not None and bounces.has_view_permission(request)
+        return may_view(request, self.admin_site, BounceEvent)
 
     def get_list_display(self, request: HttpRequest) -> list[str]:
         shown = list(super().get_list_display(request))
@@ -689,7 +702,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
             {
                 "fields": (
                     "status",
-                    "mailing_list",
+                    "list_link",
                     "list_id",
                     "subject",
                     "message_id",
@@ -810,6 +823,24 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         if not hasattr(obj, "_parsed_message"):
             obj._parsed_message = email.message_from_bytes(obj.raw)
         return obj._parsed_message
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None:  # what its page may link to, for this user
+            obj.may_see_list = may_view(request, self.admin_site, MailingList)
+        return obj
+
+    @admin.display(description=_("list"))
+    def list_link(self, obj: OutgoingMessage) -> str:
+        if obj.mailing_list is None:
+            return _("%(list_id)s (deleted)") % {"list_id": obj.list_id}
+        if not getattr(obj, "may_see_list", False):
+            return str(obj.mailing_list)
+        url = reverse(
+            f"{self.admin_site.name}:listdelivery_mailinglist_change",
+            args=[quote(obj.mailing_list_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, obj.mailing_list)
 
     def render_change_form(
         self,

@@ -1255,3 +1255,20 @@ def test_the_member_change_list_stays_a_few_queries_with_many_bounces(
 def test_the_personalization_selects_of_the_lists_change_list_are_labelled(admin_client, mlist):
     html = admin_client.get(reverse("admin:listdelivery_mailinglist_changelist")).content.decode()
     assert 'aria-label="Personalization of test@example.com"' in html
+
+
+def test_pages_link_to_lists_and_members_only_for_those_who_may_open_them(client, staff, mlist):
+    post = make_post(mlist, Status.DELIVERED, {"aperson@example.com": RStatus.SENT})
+    list_page = reverse("admin:listdelivery_mailinglist_change", args=[mlist.pk])
+    members = reverse("admin:listdelivery_member_changelist")
+    client.force_login(grant(staff, "view_outgoingmessage"))
+    assert list_page not in post_page(client, post)
+    assert "test@example.com" in post_page(client, post)
+
+    client.force_login(grant(staff, "view_mailinglist"))
+    assert list_page in post_page(client, post)
+    assert members not in client.get(list_page).content.decode()
+    assert "3 members (3 with delivery enabled)" in client.get(list_page).content.decode()
+
+    client.force_login(grant(staff, "view_member"))
+    assert members in client.get(list_page).content.decode()

@@ -57,6 +57,7 @@ SENDING_SCREENSHOTS = (
     "9-post-sending",
     "10-post-paused",
     "11-post-delivered",
+    "11-post-delivered-phone",
     "12-members",
     "13-bounce-events",
     "14-dashboard-after",
@@ -270,6 +271,12 @@ def test_an_administrator_watches_a_post_go_out_pauses_it_and_resumes_it(
     assert "2,999 / 3,000 accepted · 0 deferred · 1 bounced" in page.inner_text("#post-progress")
     assert "5.1.1 No such user" in page.inner_text("#post-refusals")
     shot("11-post-delivered")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: tables scroll in their box
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    attempts = "(box => box.scrollWidth > box.clientWidth)(document.querySelector('#post-attempts .ld-scroll'))"
+    assert page.evaluate(attempts), "the attempts table scrolls inside its box"
+    shot("11-post-delivered-phone")
+    page.set_viewport_size({"width": 1280, "height": 900})
     _, stderr = second.communicate(timeout=30)
     assert second.returncode == 0, stderr.decode()
     counts = smtpd.recipients_count()
