@@ -362,6 +362,8 @@ def verp_decision(post: OutgoingMessage) -> str:
         return f"{answer}: {why}."
     verp = bool(metadata["verp"])
     answer = _("Yes") if verp else _("No")
+    if metadata.get("verp_reason"):  # written by the runner when it decided
+        return f"{answer}: {metadata['verp_reason']}."
     if expected is not None and expected != verp:
         why = _(
             "set for this post by whoever queued it (its metadata), or the settings "

@@ -85,6 +85,21 @@ def decide_verp(personalize: str, post_id: int, metadata: Mapping[str, Any], con
     return interval == 1 or post_id % interval == 0
 
 
+def verp_reason(personalize: str, post_id: int, metadata: Mapping[str, Any], config: dict) -> str:
+    """Which step of :func:`decide_verp` decided, in words, for the post's page."""
+    if "verp" in metadata:
+        return "set for this post by whoever queued it (its metadata)"
+    if personalize != Personalization.NONE:
+        state = "on" if config["VERP_PERSONALIZED_DELIVERIES"] else "off"
+        return f"the list is personalized and VERP_PERSONALIZED_DELIVERIES is {state}"
+    interval = config["VERP_DELIVERY_INTERVAL"]
+    if interval <= 0:
+        return "VERP_DELIVERY_INTERVAL is 0: no post is VERP'd"
+    if interval == 1:
+        return "VERP_DELIVERY_INTERVAL is 1: every post is VERP'd"
+    return f"VERP_DELIVERY_INTERVAL is {interval} and this was post number {post_id} of the list"
+
+
 # -- what to send again at once ---------------------------------------------------
 
 

@@ -300,9 +300,13 @@ class OutgoingRunner:
             return
         metadata = dict(row.metadata) if isinstance(row.metadata, dict) else {}
         unsaved: dict[str, Any] = {}  # row fields written with the first checkpoint
+        if "verp_reason" not in metadata:  # what decided, for the post's page
+            metadata["verp_reason"] = rules.verp_reason(
+                mlist.personalize, mlist.post_id, metadata, self.config
+            )
+            unsaved["metadata"] = metadata
         if "verp" not in metadata:
             metadata["verp"] = decide_verp(mlist, metadata, self.config)
-            unsaved["metadata"] = metadata
         if row.unexpected_errors:
             unsaved["unexpected_errors"] = 0
         sender = metadata.get("sender") or mlist.bounces_address

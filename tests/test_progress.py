@@ -224,3 +224,22 @@ def test_a_post_being_delivered_reads_sending_with_its_progress_rate_and_finish(
     assert row.status == Status.DELIVERED and row.sent_count == 303
     assert (row.rate, row.finish_estimate, row.progress) == (None, None, 1.0)
     assert counters(row) == counted(row)
+
+
+@pytest.mark.django_db
+def test_the_runner_writes_down_why_a_post_was_verped(
+    admin_client, deliver_to, smtpd, mlist, first_post
+):
+    from django.urls import reverse
+
+    deliver_to(VERP_DELIVERY_INTERVAL=3)
+    mlist.post_id = 6
+    mlist.save()
+    row = queue_post(mlist, first_post)
+    run()
+    row.refresh_from_db()
+    assert row.metadata["verp"] is True
+    reason = "VERP_DELIVERY_INTERVAL is 3 and this was post number 6 of the list"
+    assert row.metadata["verp_reason"] == reason
+    page = admin_client.get(reverse("admin:listdelivery_outgoingmessage_change", args=[row.pk]))
+    assert f"Yes: {reason}." in page.content.decode()
