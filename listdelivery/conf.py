@@ -68,6 +68,18 @@ DEFAULTS: dict[str, Any] = {
     "Q_CLUSTER": "",
     # Bearer token for the Prometheus endpoint metrics/; empty: staff login only.
     "METRICS_TOKEN": "",
+    # Traffic shaping (listdelivery.relays, .destinations, .shaping): upstream relays,
+    # limits shared by every runner, and pacing that listens to the server.
+    "SMTP_CA_FILE": "",
+    "SMTP_RATE": "",
+    "RELAYS": [],
+    "LIST_RELAYS": {},
+    "DESTINATION_PACK": False,
+    "DESTINATION_LIMITS": {},
+    "SLOW_DOWN_REPLIES": None,  # None: listdelivery.shaping.SLOW_DOWN_REPLIES
+    "RATE_LIMIT_STORAGE": "",  # empty: Redis with django-q2's Redis broker, else the database
+    "LIMIT_WAIT": timedelta(seconds=10),
+    "RELAY_REST": timedelta(seconds=30),
 }
 
 #: What each setting does, in one sentence, for the dashboard (and anyone reading this file).
@@ -109,6 +121,24 @@ DESCRIPTIONS: dict[str, str] = {
     "ENQUEUE_TASKS": "Start a django-q2 task as soon as a post is queued.",
     "Q_CLUSTER": "The django-q2 cluster (one of ALT_CLUSTERS) for our tasks; empty: the site's own.",
     "METRICS_TOKEN": "Bearer token for the Prometheus metrics endpoint; empty: staff login only.",
+    "SMTP_CA_FILE": "A file of CA certificates to trust for the server's TLS certificate "
+    "(a private CA); empty: the system's.",
+    "SMTP_RATE": "Most messages per period through the SMTP_* server, for every runner together "
+    "(14/s, 1000/h, 50000/d; several with commas); empty: no limit.",
+    "RELAYS": "Several upstream relays, each with its own host, login, weight, session cap, rate "
+    "and daily quota; empty: the SMTP_* settings are the one relay.",
+    "LIST_RELAYS": "Which relays a list may use, by list address; a list not named uses them all.",
+    "DESTINATION_PACK": "Switch on the shipped rates for big mailbox providers (Google, "
+    "Microsoft, Yahoo, Apple).",
+    "DESTINATION_LIMITS": "Groups of recipient domains with a rate each, added to or overriding "
+    "the shipped pack.",
+    "SLOW_DOWN_REPLIES": "Patterns of server replies that mean 'slow down'; empty: the shipped "
+    "list (421, 4.7.x, Throttling, rate limit …).",
+    "RATE_LIMIT_STORAGE": "Where shared limits live: database, or a redis:// URL; empty: Redis "
+    "when django-q2 runs on Redis, else the database.",
+    "LIMIT_WAIT": "The longest a runner waits for a limit before it sets the post aside until "
+    "the limit allows.",
+    "RELAY_REST": "How long a relay that refused connections, TLS or login is left alone.",
 }
 
 DURATION_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, timedelta))
@@ -117,6 +147,11 @@ INTEGER_KEYS = frozenset(
 )
 BOOLEAN_KEYS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, bool))
 SECRET_KEYS = frozenset({"SMTP_PASSWORD", "METRICS_TOKEN"})
+#: Keys whose values are lists or dicts, each with its own parser (JSON text from the
+#: environment); their errors never quote the value, which may hold a relay's password.
+STRUCTURED_KEYS = frozenset(
+    {"RELAYS", "LIST_RELAYS", "DESTINATION_LIMITS", "SLOW_DOWN_REPLIES", "SMTP_RATE"}
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([wdhms]?)\s*$", re.IGNORECASE)
 _UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
@@ -174,6 +209,8 @@ def _parse_boolean(value: Any) -> bool:
 
 def normalize(key: str, value: Any) -> Any:
     """``value`` converted to the type of ``key``'s default; :class:`BadValue` if it cannot be."""
+    if key in STRUCTURED_KEYS:
+        return _parse_structured(key, value)
     if key in DURATION_KEYS:
         return parse_duration(value)
     if key in INTEGER_KEYS:
@@ -183,6 +220,40 @@ def normalize(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise BadValue(value, "is not text")
     return value
+
+
+def _parse_structured(key: str, value: Any) -> Any:
+    from . import destinations, rates, relays  # pure modules: nothing from Django
+
+    try:
+        if key == "RELAYS":
+            return relays.parse_relays(value)
+        if key == "LIST_RELAYS":
+            return relays.parse_list_relays(value)
+        if key == "DESTINATION_LIMITS":
+            return destinations.parse_destination_limits(value)
+        if key == "SMTP_RATE":
+            if not isinstance(value, (str, list, tuple)):
+                raise ValueError("is not a rate such as 14/s")
+            return ", ".join(str(rate) for rate in rates.parse_rates(value))
+        return _parse_patterns(value)
+    except ValueError as error:
+        raise BadValue("(this value)", getattr(error, "reason", str(error))) from None
+
+
+def _parse_patterns(value: Any) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = value.split("\n") if "\n" in value else [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ValueError("must be a list of regular expressions")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"has a pattern that is not a regular expression: {error}") from None
+    return list(value)
 
 
 def user_settings() -> dict[str, Any]:
@@ -212,7 +283,7 @@ def problems() -> list[tuple[str, str]]:
 
 
 def _describe(key: str, error: ValueError) -> str:
-    if key in SECRET_KEYS:  # never the value of a secret
+    if key in SECRET_KEYS or key in STRUCTURED_KEYS:  # never the value of a secret
         return getattr(error, "reason", "cannot be used")
     return str(error)
 

@@ -24,7 +24,7 @@ from django.utils.formats import date_format
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import conf
+from . import conf, relays
 from .models import DeliveryHour, MailingList, OutgoingMessage
 
 Status = OutgoingMessage.Status
@@ -83,6 +83,10 @@ def setting_rows() -> list[SettingRow]:
             problem = conf._describe(key, error)
         if key in conf.SECRET_KEYS:
             shown = MASK if value else str(_("(not set)"))
+        elif key == "RELAYS":  # names, hosts and limits: never a relay's password
+            shown = relays.describe_setting(written.get(key, default))
+        elif problem and key in conf.STRUCTURED_KEYS:
+            shown = str(_("(cannot be used)"))
         elif problem:
             shown = str(value)
         else:

@@ -137,6 +137,8 @@ class PostFailure:
     needs_admin: bool = False  # held until an administrator retries it: sending again is futile
     #: What kind of trouble, for grouping and the remedy shown: one of :data:`PROBLEMS`.
     kind: str = "server"
+    #: For "limited": seconds until the limits let the post go on.
+    retry_after: float | None = None
 
 
 #: The kinds of post trouble, and what an administrator can do about each.
@@ -163,6 +165,10 @@ PROBLEMS = {
         "Check that the server lets this site relay, then Retry now."
     ),
     "server": "The server is in trouble; delivery retries on its own.",
+    "limited": (
+        "The post waits for a sending limit (rate, daily quota or session cap): it goes on by "
+        "itself when the limit allows. Raise the limit in RELAYS or SMTP_RATE if it is wrong."
+    ),
 }
 
 
@@ -248,6 +254,11 @@ def _judge_failure(verdicts: Verdicts, outcome: Outcome) -> None:
     code, text, stage = failure.code, failure.text, failure.stage
     reply = f"{code} {text}" if code is not None else text
     reason = f"SMTP {stage} failed: {reply}"
+    if stage == "limited":  # never sent: the recipients stay as they were
+        verdicts.fail_post(
+            PostFailure(Status.RETRY, text, kind="limited", retry_after=failure.retry_after or 1.0)
+        )
+        return
     if stage == "smtputf8":
         verdicts.add(RStatus.FAILED, recipients, code, text)
         return

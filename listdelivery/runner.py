@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from django.db import DatabaseError, transaction
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.db.models.functions import Lower
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
@@ -89,6 +89,7 @@ class RunSummary:
         name = {
             Status.DELIVERED: "delivered",
             Status.RETRY: "retrying",
+            Status.QUEUED: "retrying",  # set aside until a limit allows: it will go on
             Status.HELD: "held",
             Status.FAILED: "failed",
             Status.DISCARDED: "discarded",
@@ -315,6 +316,7 @@ class OutgoingRunner:
             self._discard(lease, summary, f"the envelope sender {sender!r} {problem}")
             return
         post = Post(
+            relays=self._relays_for(mlist),
             message=raw,
             sender=sender,
             message_id=str(headers.get("message-id", "")).strip(),
@@ -478,6 +480,11 @@ class OutgoingRunner:
             Recipient(address, *members.get(address.casefold(), ("", None))) for address in batch
         ]
 
+    def _relays_for(self, mlist: MailingList) -> tuple[str, ...]:
+        """The relays this list may use, as ``LIST_RELAYS`` says (empty: all)."""
+        names = self.config["LIST_RELAYS"].get(mlist.address.lower())
+        return tuple(names or ())
+
     def _decoration(self, mlist: MailingList, metadata: dict[str, Any]) -> Decoration:
         """List headers always; header and footer unless the post says not to (Mailman's keys)."""
         plain = bool(metadata.get("nodecorate") or metadata.get("isdigest"))
@@ -634,6 +641,16 @@ class OutgoingRunner:
                 Status.FAILED,
                 "no recipient accepted the post",
                 {"finished_at": timezone.now()},
+            )
+        if post_failure and post_failure.kind == "limited":
+            # Not a failure: the post goes on when the limits allow, and this run was no attempt.
+            logger.info("Setting %s aside: %s", _label(row), post_failure.reason)
+            wait = timedelta(seconds=post_failure.retry_after or 1.0)
+            return Ending(
+                Status.QUEUED if row.attempts <= 1 else Status.RETRY,
+                post_failure.reason,
+                {"next_attempt_at": timezone.now() + wait, "attempts": F("attempts") - 1},
+                problem="limited",
             )
         if post_failure and post_failure.needs_admin:
             logger.error(

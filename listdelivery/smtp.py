@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import heapq
 import itertools
 import logging
 import re
@@ -26,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .relays import Relay
+from .shaping import MAX_THROTTLES, Shaper
 from .wire import wire_safe
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ class Failure:
     stage: str
     code: int | None
     text: str
+    #: For the stage "limited" (never sent: a rate, quota or cap is far away): seconds to wait.
+    retry_after: float | None = None
 
     @property
     def concerns_session(self) -> bool:
@@ -321,7 +326,7 @@ class Connection:
         return None
 
     def _tls_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=self.config.get("SMTP_CA_FILE") or None)
         if not self.config["SMTP_VERIFY_CERT"]:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -504,7 +509,11 @@ class _Work:
     """
 
     def __init__(
-        self, source: Iterator[Transaction], workers: int, stop: threading.Event | None
+        self,
+        source: Iterator[Transaction],
+        workers: int,
+        stop: threading.Event | None,
+        max_wait: float = 0.0,
     ) -> None:
         self._source = source
         self._handed_back: collections.deque[Transaction] = collections.deque()
@@ -512,19 +521,78 @@ class _Work:
         self._working = workers
         self._stop = stop
         self._halted = False
+        # Transactions waiting for a limit: (ready at, sequence, transaction), soonest first.
+        self._parked: list[tuple[float, int, Transaction]] = []
+        self._sequence = itertools.count()
+        self._exhausted = False
+        self._max_wait = max_wait
+        self._throttles: collections.Counter[int] = collections.Counter()
+        self._woken = threading.Event()
 
     def take(self) -> Transaction | None:
-        """The next transaction, or None: then the caller has left."""
+        """The next transaction, or None: then the caller has left.
+
+        Parked transactions go first once their wait is over; while the source
+        has more and few are parked, new ones are taken meanwhile, so a slow
+        destination does not hold up the rest.
+        """
+        while True:
+            with self._lock:
+                transaction, wait = self._next()
+                if transaction is not None or wait is None:
+                    if transaction is None:
+                        self._working -= 1
+                    return transaction
+            stop = self._stop if self._stop is not None else self._woken
+            stop.wait(min(wait, 0.5))
+
+    def _next(self) -> tuple[Transaction | None, float | None]:
+        """A transaction, or how long until one may be ready (``None``: never)."""
+        if self._halted or (self._stop is not None and self._stop.is_set()):
+            return None, None
+        if self._handed_back:
+            return self._handed_back.popleft(), None
+        now = time.monotonic()
+        if self._parked and self._parked[0][0] <= now:
+            return heapq.heappop(self._parked)[2], None
+        if not self._exhausted and len(self._parked) < PARK_LIMIT:
+            transaction = next(self._source, None)
+            if transaction is not None:
+                return transaction, None
+            self._exhausted = True
+        if self._parked:
+            return None, self._parked[0][0] - now
+        return None, None
+
+    def park(self, transaction: Transaction, wait: float) -> bool:
+        """Send ``transaction`` after ``wait`` seconds; ``False`` if that is too far: stop."""
         with self._lock:
-            transaction = None
-            if not self._halted and not (self._stop is not None and self._stop.is_set()):
-                if self._handed_back:
-                    transaction = self._handed_back.popleft()
-                else:
-                    transaction = next(self._source, None)
-            if transaction is None:
-                self._working -= 1
-            return transaction
+            if wait > self._max_wait:
+                self._halted = True
+                return False
+            heapq.heappush(
+                self._parked, (time.monotonic() + wait, next(self._sequence), transaction)
+            )
+            return True
+
+    def leave(self, transaction: Transaction) -> bool:
+        """Stop working, giving ``transaction`` to the others; ``False`` if none is left."""
+        with self._lock:
+            if self._working <= 1:
+                return False
+            self._working -= 1
+            self._handed_back.append(transaction)
+            return True
+
+    def throttled(self, transaction: Transaction) -> int:
+        """Count one more "slow down" for ``transaction``; how many it has had."""
+        with self._lock:
+            self._throttles[id(transaction)] += 1
+            return self._throttles[id(transaction)]
+
+    def halt(self) -> None:
+        with self._lock:
+            self._halted = True
 
     def hand_back(self, transaction: Transaction) -> bool:
         """Leave, giving ``transaction`` to another connection; False if none is left.
@@ -540,14 +608,35 @@ class _Work:
             return True
 
 
+#: Transactions waiting for a limit at most, per ``send_all``; then the pool waits for them.
+PARK_LIMIT = 500
+
+
+class _Session:
+    """A worker's connection to one relay, with its place under the relay's session cap."""
+
+    def __init__(self, relay: Relay, config: dict[str, Any]) -> None:
+        self.relay = relay
+        self.connection = Connection({**config, **relay.smtp})
+        self.slot: Any = None
+        self.failure: Failure | None = None  # the last that concerned the session
+
+
 class SMTPPool:
     """``SMTP_CONNECTIONS`` sessions, kept open across posts, sending side by side.
 
+    With traffic shaping (several relays, or limits: see :mod:`listdelivery.shaping`)
+    each of the ``SMTP_CONNECTIONS`` workers keeps a session per relay it uses,
+    and every transaction waits for its relay's and destinations' limits.
     Use it as a context manager (or call :meth:`close`) so sessions end with QUIT.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], shaper: Shaper | None = None) -> None:
+        self.config = config
         self.connections = [Connection(config) for _ in range(config["SMTP_CONNECTIONS"])]
+        self.shaper = shaper if shaper is not None else Shaper(config)
+        self._sessions: dict[tuple[int, str], _Session] = {}
+        self._holder = f"{id(self):x}"
         self._executor: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> SMTPPool:
@@ -559,10 +648,14 @@ class SMTPPool:
     @property
     def opened(self) -> int:
         """How many times a session was opened (a reconnect counts again)."""
-        return sum(c.opened for c in self.connections)
+        shaped = sum(s.connection.opened for s in self._sessions.values())
+        return sum(c.opened for c in self.connections) + shaped
 
     def send_all(
-        self, transactions: Iterable[Transaction], stop: threading.Event | None = None
+        self,
+        transactions: Iterable[Transaction],
+        stop: threading.Event | None = None,
+        relays: Iterable[str] = (),
     ) -> list[Outcome]:
         """Send every transaction, until ``stop`` is set or no connection can open a session.
 
@@ -573,7 +666,14 @@ class SMTPPool:
         transaction back and sends nothing more in this call; when none can,
         the last one's failure is in the result and sending stops.
         Transactions not attempted are not in the result.
+
+        With traffic shaping, ``relays`` names the relays these transactions may
+        use (empty: all). A transaction whose limit is further away than
+        ``LIMIT_WAIT`` comes back with the failure stage "limited" and the
+        seconds to wait, and nothing more is sent in this call.
         """
+        if self.shaper.active:
+            return self._send_shaped(iter(transactions), stop, set(relays))
         source = iter(transactions)
         head = list(itertools.islice(source, 2))
         source = itertools.chain(head, source)
@@ -603,9 +703,131 @@ class SMTPPool:
             outcomes.append(outcome)
         return outcomes
 
+    # -- with traffic shaping -----------------------------------------------------------
+
+    def _send_shaped(
+        self, source: Iterator[Transaction], stop: threading.Event | None, names: set[str]
+    ) -> list[Outcome]:
+        allowed = [r for r in self.shaper.relays if not names or r.name in names]
+        allowed = allowed or self.shaper.relays
+        workers = len(self.connections)
+        work = _Work(source, workers, stop, self.shaper.max_wait)
+        if workers == 1:
+            return self._drain_shaped(0, work, allowed)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="listdelivery-smtp"
+            )
+        futures = [
+            self._executor.submit(self._drain_in_thread, worker, work, allowed)
+            for worker in range(workers)
+        ]
+        return [outcome for future in futures for outcome in future.result()]
+
+    def _drain_in_thread(self, worker: int, work: _Work, allowed: list[Relay]) -> list[Outcome]:
+        try:
+            return self._drain_shaped(worker, work, allowed)
+        finally:
+            self.shaper.thread_done()
+
+    def _drain_shaped(self, worker: int, work: _Work, allowed: list[Relay]) -> list[Outcome]:
+        shaper = self.shaper
+        outcomes: list[Outcome] = []
+        while (transaction := work.take()) is not None:
+            relay = shaper.choose(allowed)
+            if relay is None:  # every relay rests after failures: the runner judges the last
+                outcomes.append(Outcome(transaction, failure=self._last_failure(allowed)))
+                work.halt()
+                break
+            session = self._session(worker, relay)
+            wait = shaper.paused_for(relay) if session.connection.smtp is None else 0.0
+            if not wait and session.slot is None:
+                session.slot = shaper.open_session(relay, self._holder)
+                if session.slot is None:  # every session of the cap is taken
+                    if len(allowed) == 1 and work.leave(transaction):
+                        break  # the workers that have a session send the rest
+                    wait = 0.2
+            if not wait:
+                wait = shaper.admit(relay, transaction.recipients)
+            if wait > 0:
+                if not work.park(transaction, wait):
+                    outcomes.append(_limited(transaction, relay, wait))
+                continue
+            outcome = session.connection.send(transaction)
+            if session.connection.smtp is None:
+                self._let_go(session)
+            failure = outcome.failure
+            slow = _slow_down_reply(shaper, outcome)
+            if slow is not None and work.throttled(transaction) <= MAX_THROTTLES:
+                shaper.slow_down(relay, transaction.recipients, *slow)
+                work.park(transaction, 0.0)
+                continue
+            if failure is not None and failure.code is None and slow is None and len(allowed) > 1:
+                # No reply mid-transaction: the relay went away. Not accepted, so another
+                # relay may take the transaction while this one rests.
+                if not failure.concerns_session and shaper.choose(allowed, frozenset({relay.name})):
+                    shaper.rest_relay(relay, f"{failure.stage}: {failure.text}")
+                    work.park(transaction, 0.0)
+                    continue
+            if failure is not None and failure.concerns_session and slow is None:
+                session.failure = failure
+                if len(allowed) > 1 and shaper.choose(allowed, frozenset({relay.name})):
+                    shaper.rest_relay(relay, f"{failure.stage}: {failure.text}")
+                    work.park(transaction, 0.0)
+                    continue
+                if not work.hand_back(transaction):
+                    outcomes.append(outcome)
+                break
+            outcomes.append(outcome)
+        return outcomes
+
+    def _session(self, worker: int, relay: Relay) -> _Session:
+        session = self._sessions.get((worker, relay.name))
+        if session is None:
+            session = self._sessions[(worker, relay.name)] = _Session(relay, self.config)
+        elif session.slot is not None and not self.shaper.keep_session(session.slot):
+            session.connection.close()  # our place under the cap ran out: take a new one
+            session.slot = None
+        return session
+
+    def _let_go(self, session: _Session) -> None:
+        if session.slot is not None:
+            self.shaper.close_session(session.slot)
+            session.slot = None
+
+    def _last_failure(self, relays: list[Relay]) -> Failure:
+        for session in self._sessions.values():
+            if session.relay in relays and session.failure is not None:
+                return session.failure
+        return Failure("connect", None, "no reply: every relay is resting after failures")
+
     def close(self) -> None:
+        for session in self._sessions.values():
+            session.connection.close()
+            self._let_go(session)
+        self._sessions.clear()
         for connection in self.connections:
             connection.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _slow_down_reply(shaper: Shaper, outcome: Outcome) -> tuple[int | None, str] | None:
+    """The reply, if the whole transaction was turned away by one that means "slow down"."""
+    failure = outcome.failure
+    if failure is not None and failure.code is not None:
+        if shaper.is_slow_down(failure.code, failure.text) and not outcome.refused:
+            return failure.code, failure.text
+    refused = outcome.refused
+    recipients = outcome.transaction.recipients
+    if refused and len(refused) == len(recipients):
+        replies = list(refused.values())
+        if all(code is not None and shaper.is_slow_down(code, text) for code, text in replies):
+            return replies[0]
+    return None
+
+
+def _limited(transaction: Transaction, relay: Relay, wait: float) -> Outcome:
+    text = f"waiting {wait:.0f} s for the limits of relay {relay.name} (rate, quota or sessions)"
+    return Outcome(transaction, failure=Failure("limited", None, text, retry_after=wait))

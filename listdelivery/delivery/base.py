@@ -43,6 +43,7 @@ class Post:
     list_address: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     decoration: Decoration | None = None
+    relays: tuple[str, ...] = ()  # the relays this post may go through (empty: all)
 
     @cached_property
     def wire_message(self) -> bytes:
@@ -91,7 +92,9 @@ class BaseDelivery:
         later (see :meth:`follow_ups`): those are sent straight away, and the
         outcomes returned say, for each recipient, the last thing the server said.
         """
-        outcomes = self.pool.send_all(self.transactions(post, recipients), stop=stop)
+        outcomes = self.pool.send_all(
+            self.transactions(post, recipients), stop=stop, relays=post.relays
+        )
         final: list[Outcome] = []
         for round_number in range(FOLLOW_UP_ROUNDS + 1):
             again: list[Transaction] = []
@@ -104,7 +107,7 @@ class BaseDelivery:
                 again += extra
             if not again or (stop is not None and stop.is_set()):
                 break  # recipients of transactions not sent stay open
-            outcomes = self.pool.send_all(again, stop=stop)
+            outcomes = self.pool.send_all(again, stop=stop, relays=post.relays)
         return final
 
     def transactions(self, post: Post, recipients: Sequence[Recipient]) -> Iterator[Transaction]:
