@@ -33,12 +33,15 @@ Ids are stable and documented in the README:
 - ``listdelivery.W009`` the database is SQLite without ``IMMEDIATE`` transactions or a lock
   timeout of 20 seconds or more, while django-q2's workers will write beside other processes.
 - ``listdelivery.W010`` ``METRICS_TOKEN`` is set but shorter than 32 characters: guessable.
+- ``listdelivery.E015`` a CA file (``SMTP_CA_FILE`` or a relay's ``CA_FILE``) cannot be read.
+- ``listdelivery.W011`` ``LIST_RELAYS`` names relays that ``RELAYS`` does not have.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import os
 import re
 from typing import Any
 
@@ -51,6 +54,7 @@ from django.utils.module_loading import import_string
 
 from . import conf, verp
 from .redact import masked
+from .relays import relays_from as relays_from_config
 
 SECURE_MODES = ("smtp", "starttls", "smtps")
 MINIMUMS = {
@@ -194,6 +198,41 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 "print(secrets.token_urlsafe(32))'.",
             )
         )
+    found += _shaping_problems(config, broken)
+    return found
+
+
+def _shaping_problems(config: dict[str, Any], broken: dict[str, str]) -> list[checks.CheckMessage]:
+    """A CA file that cannot be read, and per-list relays that name no relay."""
+    found: list[checks.CheckMessage] = []
+    if "RELAYS" in broken:
+        return found
+    relay_list = relays_from_config(config)
+    for relay in relay_list:
+        ca_file = relay.smtp.get("SMTP_CA_FILE")
+        if ca_file and not os.access(ca_file, os.R_OK):
+            key = "RELAYS" if config["RELAYS"] else "SMTP_CA_FILE"
+            found.append(
+                _error(
+                    key,
+                    f"names a CA file that cannot be read: {ca_file!r} (relay {relay.name}).",
+                    15,
+                    hint="A PEM file of the certificates of your private CA.",
+                )
+            )
+    names = {relay.name for relay in relay_list}
+    if "LIST_RELAYS" not in broken:
+        for address, wanted in config["LIST_RELAYS"].items():
+            unknown = [name for name in wanted if name not in names]
+            if unknown:
+                found.append(
+                    _warning(
+                        f"LISTDELIVERY['LIST_RELAYS'] sends {address} through relays that are "
+                        f"not in RELAYS: {', '.join(unknown)}; it uses the others, or all.",
+                        11,
+                        hint=f"The relays are: {', '.join(sorted(names))}.",
+                    )
+                )
     return found
 
 

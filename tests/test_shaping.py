@@ -254,3 +254,15 @@ def test_the_system_checks_name_a_bad_rate(settings):
     with pytest.raises(Exception) as raised:
         call_command("check", "--fail-level", "ERROR")
     assert "SMTP_RATE" in str(raised.value)
+
+
+def test_the_checks_name_an_unreadable_ca_file_and_a_list_sent_through_no_relay(settings):
+    from django.core import checks
+
+    settings.LISTDELIVERY = {
+        "RELAYS": [{"NAME": "a", "HOST": "h", "CA_FILE": "/nowhere/ca.pem"}],
+        "LIST_RELAYS": {"news@example.com": ["b"]},
+    }
+    ids = {message.id: message.msg for message in checks.run_checks()}
+    assert "/nowhere/ca.pem" in ids["listdelivery.E015"]
+    assert "news@example.com" in ids["listdelivery.W011"]
