@@ -16,7 +16,13 @@ repetitions) and measures, in one run:
 4. **many posts**: ``--posts`` posts to a 3-member list through ``deliver_pending``;
 5. **memory**: peak RSS of a fresh process that queues, and of one that
    delivers, a personalized post to ``--memory-members`` members (and a tenth
-   of that, to see how memory grows).
+   of that, to see how memory grows);
+6. **dashboard**: the 30-day chart over millions of recipient rows (:mod:`bench.dashboard`);
+7. **shaped**: traffic shaping against sinks that note when each message arrived
+   (:mod:`bench.shaped`): time to the last recipient of a gmail/yahoo/outlook/other mix
+   under the shipped destination pack, as a ratio to the least the limits allow; an
+   ``SMTP_RATE`` set above the sink's limit (time, throttled share) and one set right
+   (busiest second, mean rate), each with two runner processes.
 
 For each: the median seconds over ``--repeat`` runs, messages (SMTP
 transactions) per second, recipients per second and the ratio to the baseline
@@ -69,6 +75,7 @@ SMTP_SINK = Path("/usr/sbin/smtp-sink")
 
 FULL_SIZE = {"members": 10_000, "posts": 1_000, "memory_members": 100_000, "repeat": 3}
 QUICK_SIZE = {"members": 500, "posts": 50, "memory_members": 2_000, "repeat": 1}
+SCENARIOS = ("baseline", "personalized", "bulk", "many", "memory", "dashboard", "shaped")
 
 PERSONALIZED_LIST = "personalized@bench.example.org"
 BULK_LIST = "bulk@bench.example.org"
@@ -155,14 +162,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default="baseline,personalized,bulk,many,memory,dashboard",
-        help="comma-separated scenarios to run, of baseline, personalized, bulk, many, memory, "
-        "dashboard (the baseline always runs)",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run, of {', '.join(SCENARIOS)} "
+        "(the baseline always runs)",
     )
     parser.add_argument(
         "--dashboard-rows",
         type=int,
         help="recipient rows under the dashboard's 30-day chart (default 5000000; --quick 100000)",
+    )
+    parser.add_argument(
+        "--shaped-members",
+        type=int,
+        help="members of the shaped scenario's destination mix (default 1000; --quick 200)",
     )
     parser.add_argument(
         "--profile",
@@ -194,7 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(options, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     options.only = {s.strip() for s in options.only.split(",") if s.strip()}
-    unknown = options.only - {"baseline", "personalized", "bulk", "many", "memory", "dashboard"}
+    unknown = options.only - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios in --only: {', '.join(sorted(unknown))}")
     return options
@@ -485,22 +497,18 @@ def create_list(address: str, personalize: str, members: int):
 
 
 def flush_tables() -> None:
-    """Empty listdelivery's tables (fast: no per-row cascade in Python)."""
+    """Empty every listdelivery table (fast: no per-row cascade in Python).
+
+    All of them in one flush: PostgreSQL truncates posts only together with the attempts
+    that point at them, and each run starts with no hourly totals and no limits' state
+    (tokens, learned rates, slots, quotas) left by the one before.
+    """
+    from django.apps import apps
     from django.core.management.color import no_style
     from django.db import connection
 
-    from listdelivery.models import (
-        BounceEvent,
-        MailingList,
-        Member,
-        OutgoingMessage,
-        OutgoingRecipient,
-    )
-
-    tables = [
-        m._meta.db_table
-        for m in (BounceEvent, OutgoingRecipient, OutgoingMessage, Member, MailingList)
-    ]
+    models = apps.get_app_config("listdelivery").get_models()
+    tables = [model._meta.db_table for model in models]
     statements = connection.ops.sql_flush(no_style(), tables, allow_cascade=False)
     connection.ops.execute_sql_flush(statements)
 
@@ -1296,7 +1304,35 @@ def render_diagnostics(diagnostics: dict[str, Any]) -> str:
             f"dashboard, 30-day chart over {chart['recipient_rows']:,} recipient rows: COUNT by "
             f"day {chart['old_ms']} ms, hourly totals {chart['new_ms']} ms ({chart['ratio']}x)"
         )
+    shaped = diagnostics.get("shaped")
+    if shaped:
+        out.extend(render_shaped(shaped))
     return "\n".join(out)
+
+
+def render_shaped(shaped: dict[str, Any]) -> list[str]:
+    mix, high, right = shaped["mix"], shaped["rate_too_high"], shaped["rate_right"]
+    groups = ", ".join(
+        f"{name} {group['members']:,} by {group['last_seconds']} s"
+        + (f" (least {group['least_seconds']} s)" if group["least_seconds"] else "")
+        for name, group in mix["groups"].items()
+    )
+    return [
+        f"shaped, destination mix of {mix['members']:,} members with the shipped pack, 1 process: "
+        f"last recipient after {mix['seconds']} s, {mix['ratio']}x the least the limits allow "
+        f"({mix['least_seconds']} s)",
+        f"  {groups}",
+        f"shaped, SMTP_RATE {high['smtp_rate']} at a sink taking {high['sink_rate']}/s, "
+        f"{high['members']:,} members, {high['processes']} processes: {high['seconds']} s "
+        f"({high['ratio']}x the {high['least_seconds']} s the sink allows), "
+        f"{high['throttled_share']:.1%} throttled ({high['throttled']}); target "
+        f"{high['target']}: {'yes' if high['met'] else 'NO'}"
+        + (f" ({high['deferred']} recipients deferred to a retry)" if high["deferred"] else ""),
+        f"shaped, SMTP_RATE {right['smtp_rate']}, {right['members']:,} members in 2 posts, "
+        f"{right['processes']} processes: busiest second {right['busiest_second']}, mean "
+        f"{right['mean_rate']}/s; target {right['target']}: {'yes' if right['met'] else 'NO'}"
+        + ("" if right["processes_sent_together"] else " (the processes did not overlap)"),
+    ]
 
 
 # -- the memory child -----------------------------------------------------------------
@@ -1425,6 +1461,16 @@ def main(argv: list[str] | None = None) -> int:
                     dashboard.QUICK_ROWS if options.quick else dashboard.FULL_ROWS
                 )
                 bench.diagnostics["dashboard"] = dashboard.run(rows, bench.progress)
+            if "shaped" in options.only:
+                from bench import shaped
+
+                members = options.shaped_members or (
+                    shaped.QUICK_MEMBERS if options.quick else shaped.FULL_MEMBERS
+                )
+                rate_members = (
+                    shaped.QUICK_RATE_MEMBERS if options.quick else shaped.FULL_RATE_MEMBERS
+                )
+                bench.diagnostics["shaped"] = shaped.run(members, rate_members, bench.progress)
             if options.profile:
                 bench.run_profiles(Path(options.json).parent)
         except CorrectnessError as failure:
