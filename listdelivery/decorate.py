@@ -58,6 +58,7 @@ CONTENT_HEADERS = (
     "content-description",
 )
 CRLF = b"\r\n"
+_LINE_END = re.compile(r"\r*\n|\r")
 #: Fold header fields we write at this width where spaces allow (RFC 5322 §2.1.1).
 FOLD_AT = 78
 
@@ -326,7 +327,7 @@ def _decoded_body(body: bytes, parsed: Message) -> str | None:
         text = raw.decode(parsed.get_content_charset("us-ascii"))
     except (LookupError, UnicodeError, ValueError):
         return None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return _LINE_END.sub("\n", text)  # as wire.py: stray CRs before a line end are no line
 
 
 def _around_text(lines, body, parsed, header, footer, texts: _Texts) -> bytes | None:

@@ -25,7 +25,7 @@ from email.header import decode_header, make_header
 
 import pytest
 from django.test import override_settings
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from listdelivery.decorate import Decoration, list_headers
@@ -265,6 +265,21 @@ def decoration_for(header: str, footer: str) -> Decoration:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(post=posts(), decoration=decorations(), name=member_names, full=st.booleans())
+@example(  # found by Hypothesis: a stray CR before CRLF in a base64 body made two line ends
+    post=Post(
+        raw=b"From: aperson@example.com\nTo: test@example.com\nSubject: \n"
+        b"Message-ID: <prop@example.com>\nMIME-Version: 1.0\n"
+        b"Content-Type: text/plain; charset=us-ascii\nContent-Transfer-Encoding: base64\n\n"
+        b"MA0NCgoKMAo=\n",
+        text="0\n\n\n0\n",
+        codec="ascii",
+        subject="",
+        attachment=None,
+    ),
+    decoration=("", "$user_name "),
+    name="",
+    full=False,
+)
 def test_decoration_and_wire_safe_keep_every_copy_valid_and_whole(post, decoration, name, full):
     header, footer = decoration
     decorated = decoration_for(header, footer)
