@@ -121,8 +121,7 @@ class Shaper:
         now = time.time()
         if now - self._checked.get(relay.name, 0.0) >= HEALTH_CHECK_EVERY:
             self._checked[relay.name] = now
-            until = self.store.snapshot(_down(relay)).get("throttled_until") or 0.0
-            self._resting[relay.name] = float(until)
+            self._resting[relay.name] = _until(self.store.snapshot(_down(relay)))
         return self._resting.get(relay.name, 0.0) > now
 
     def rest_relay(self, relay: Relay, why: str) -> None:
@@ -175,8 +174,7 @@ class Shaper:
 
     def paused_for(self, relay: Relay) -> float:
         """Seconds until the relay takes new sessions again (after "too many connections")."""
-        until = self.store.snapshot(_relay_key(relay, None)).get("throttled_until") or 0.0
-        return max(float(until) - time.time(), 0.0)
+        return max(_until(self.store.snapshot(_relay_key(relay, None))) - time.time(), 0.0)
 
     # -- session caps --------------------------------------------------------------
 
@@ -196,7 +194,10 @@ class Shaper:
     # -- for people ------------------------------------------------------------------
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Each relay and destination group: limits, learned rate, sessions, quota, resting."""
+        """Each relay and destination group: limits, learned rate, sessions, quota, resting.
+
+        ``throttled_until`` and ``resting_until`` are aware datetimes (UTC), ``None`` when past.
+        """
         rows = []
         for relay in self.relays:
             state = self.store.snapshot(_relay_key(relay, relay.rates[0] if relay.rates else None))
@@ -204,7 +205,7 @@ class Shaper:
             quota = (
                 self.store.snapshot(_quota_key(relay)).get("quota_used", 0) if relay.quota else 0
             )
-            down = self.store.snapshot(_down(relay)).get("throttled_until") or 0.0
+            down = self.store.snapshot(_down(relay)).get("throttled_until")
             rows.append(
                 {
                     "kind": "relay",
@@ -215,7 +216,7 @@ class Shaper:
                     "sessions": sessions,
                     "quota_used": quota,
                     "quota": relay.quota,
-                    "resting_until": down if down > time.time() else None,
+                    "resting_until": down,
                 }
             )
         for group in self.router.groups:
@@ -235,6 +236,12 @@ class Shaper:
                 }
             )
         return rows
+
+
+def _until(state: Mapping[str, Any]) -> float:
+    """A snapshot's ``throttled_until`` (a datetime, ``None`` once past) as epoch seconds."""
+    moment = state.get("throttled_until")
+    return moment.timestamp() if moment else 0.0
 
 
 def _relay_key(relay: Relay, rate: Rate | None) -> str:
