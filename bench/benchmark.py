@@ -1327,7 +1327,7 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
         f"({high['ratio']}x the {high['least_seconds']} s the sink allows), "
         f"{high['throttled_share']:.1%} throttled ({high['throttled']}); target "
         f"{high['target']}: {'yes' if high['met'] else 'NO'}"
-        + (f" ({high['deferred']} recipients deferred to a retry)" if high["deferred"] else ""),
+        + (f" ({high['deferred']} recipient(s) deferred to a retry)" if high["deferred"] else ""),
         f"shaped, SMTP_RATE {right['smtp_rate']}, {right['members']:,} members in 2 posts, "
         f"{right['processes']} processes: busiest second {right['busiest_second']}, mean "
         f"{right['mean_rate']}/s; target {right['target']}: {'yes' if right['met'] else 'NO'}"

@@ -12,12 +12,18 @@ benchmark's database, every listdelivery table emptied before each run:
   rate among the groups (gmail: 400 at 20/s is 20 s); it reports the time from the runner's
   start to the last recipient and its ratio to that least time.
 - **rate too high**: a sink that takes 200 messages a second (SES's ``454 Throttling
-  failure`` above), ``SMTP_RATE`` 300/s, one personalized post to 3,000 members (600 with
-  ``--quick``) and two runner processes (``manage.py deliver_pending``): the time from the
-  first message to the last against the 15 s the sink allows, and the share of
-  transactions refused as too fast.
+  failure`` above), ``SMTP_RATE`` 300/s, one personalized post to 3,000 members (1,000 with
+  ``--quick``) and two runner processes (``manage.py deliver_pending``), as issue 13's
+  figure has it (the post is sent by the one that claims it): the time from the first
+  message to the last against the 15 s the sink allows, the share of transactions refused
+  as too fast, and the recipients deferred to a retry (there should be none).
 - **rate right**: ``SMTP_RATE`` 200/s, a sink without a limit, two posts of half as many
   members, two runner processes at once: the busiest 1-second window and the mean rate.
+
+Each run happens once, whatever ``--repeat`` says: its times are set by the limits, not by
+the machine. The targets printed with the last two are issue 13's (at most 1.3 times the
+sink's 15 s and under 10 % throttled, with no recipient deferred; no second over 210 and a
+mean of at least 180/s).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from bench.benchmark import (
 FULL_MEMBERS = 1_000
 QUICK_MEMBERS = 200
 FULL_RATE_MEMBERS = 3_000
-QUICK_RATE_MEMBERS = 600
+# Fewer would inflate the throttled share: about 60 transactions are refused before the
+# first 454 lowers the rate, however many members there are.
+QUICK_RATE_MEMBERS = 1_000
 
 #: The mix: per ten members, how many go to each domain (``None``: a domain no group limits).
 MIX = (("gmail.com", 4), ("yahoo.com", 1), ("outlook.com", 1), (None, 4))
@@ -219,7 +227,7 @@ def run_rate_too_high(members: int, progress: Any) -> dict[str, Any]:
         f"shaped, RATE {RATE_TOO_HIGH} at a sink taking {SINK_RATE}/s, {members:,} members, "
         f"{RUNNER_PROCESSES} processes: {seconds:.1f} s ({result['ratio']:.2f}x the "
         f"{least:.1f} s the sink allows), {share:.1%} of transactions throttled"
-        + (f"; {len(deferred)} recipients DEFERRED to a retry" if deferred else "")
+        + (f"; {len(deferred)} recipient(s) DEFERRED to a retry" if deferred else "")
     )
     return result
 
