@@ -234,12 +234,24 @@ def moment(when: Any) -> str:
 
 
 def post_state(post: OutgoingMessage) -> str:
-    """The status, told apart where it matters: ``stalled`` and ``scheduled`` too."""
+    """The status, told apart where it matters: ``stalled``, ``limited`` and ``scheduled`` too."""
     if post.is_stalled:
         return "stalled"
+    if is_limited(post):
+        return "limited"
     if post.is_scheduled:
         return "scheduled"
     return post.status
+
+
+def is_limited(post: OutgoingMessage) -> bool:
+    """Set aside until a sending limit (rate, daily quota, session cap) lets it go on."""
+    return (
+        post.problem == "limited"
+        and post.status in (Status.QUEUED, Status.RETRY)
+        and post.next_attempt_at is not None
+        and post.next_attempt_at > timezone.now()
+    )
 
 
 def status_text(post: OutgoingMessage, state: str | None = None) -> str:
@@ -247,6 +259,10 @@ def status_text(post: OutgoingMessage, state: str | None = None) -> str:
     state = state or post_state(post)
     if state == "stalled":
         return str(_("Sending — stalled, will be taken over"))
+    if state == "limited":
+        return str(_("Waits for a sending limit until %(when)s")) % {
+            "when": moment(post.next_attempt_at)
+        }
     if state == "scheduled":
         return str(_("Scheduled for %(when)s")) % {"when": moment(post.next_attempt_at)}
     if state == "stopping":

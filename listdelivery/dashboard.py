@@ -2,7 +2,10 @@
 
 Each section is one query at most (the charts read the hourly totals of
 :class:`~listdelivery.models.DeliveryHour`, never the recipients), so the page
-costs the same few queries with ten posts or ten million recipients.
+costs the same few queries with ten posts or ten million recipients. The
+relays and destination groups are read from the shared limits store with the
+health facts: a few queries each in the database store, so their number is
+set by the settings (how many relays and groups), never by the data.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from django.db.models import Count, F, Min, Q, Sum
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.formats import date_format
+from django.utils.formats import date_format, number_format
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import conf, relays
+from . import conf, health, relays
 from .models import DeliveryHour, MailingList, OutgoingMessage
+from .rates import Rate
 
 Status = OutgoingMessage.Status
 
@@ -227,6 +231,77 @@ def post_counters() -> list[MailingList]:
             "address", "list_id", "display_name", "personalize", "post_id", "last_post_at"
         ).order_by("address")
     )
+
+
+# -- relays and destination groups ----------------------------------------------------
+
+
+@dataclass
+class LimitRow:
+    """One relay or destination group as the dashboard shows it."""
+
+    kind: str  # "relay" or "destination"
+    name: str
+    limits: str
+    rate_now: str  # "150/s of 300/s"; "" without a rate
+    slowed: bool  # the server asked for less than the configured rate
+    sessions: str  # "1 of 2"; "" without a cap
+    resting_until: datetime | None
+    throttled_until: datetime | None
+    quota: str  # "820 / 1,000"; "" without a quota
+
+
+def limit_rows(limits: Iterable[health.SendingLimit]) -> list[LimitRow]:
+    rows = []
+    for limit in limits:
+        rate_now, slowed = "", False
+        if limit.rate is not None and limit.learned_rate is not None:
+            rate_now = learned_text(limit.learned_rate, limit.rate)
+            slowed = limit.learned_rate < limit.rate.per_second * 0.999
+        sessions = ""
+        if limit.connections:
+            sessions = str(_("%(open)s of %(cap)s")) % {
+                "open": limit.sessions or 0,
+                "cap": limit.connections,
+            }
+        quota = ""
+        if limit.quota:
+            quota = f"{_whole(limit.quota_used or 0)} / {_whole(limit.quota)}"
+        rows.append(
+            LimitRow(
+                kind=limit.kind,
+                name=limit.name,
+                limits=limit.limits,
+                rate_now=rate_now,
+                slowed=slowed,
+                sessions=sessions,
+                resting_until=limit.resting_until,
+                throttled_until=limit.throttled_until,
+                quota=quota,
+            )
+        )
+    return rows
+
+
+def learned_text(per_second: float, rate: Rate) -> str:
+    """The learned rate in the configured rate's own period: ``150/s of 300/s``, ``500/h of 1000/h``."""
+    period = str(rate).partition("/")[2]
+    now = per_second * rate.per
+    shown = _whole(round(now)) if now >= 10 else f"{now:.1f}".removesuffix(".0")
+    return str(_("%(now)s of %(rate)s")) % {
+        "now": f"{shown}/{period}",
+        "rate": f"{_whole(rate.count)}/{period}",
+    }
+
+
+def _whole(value: int) -> str:
+    return number_format(value, force_grouping=True)
+
+
+def one_server() -> str:
+    """``host:port`` of the only SMTP server, when no traffic shaping is configured."""
+    written = {**conf.DEFAULTS, **conf.user_settings()}
+    return f"{written['SMTP_HOST']}:{written['SMTP_PORT']}"
 
 
 # -- the charts -----------------------------------------------------------------
@@ -458,7 +533,14 @@ def context(request: HttpRequest | None = None, now: datetime | None = None) -> 
     chosen = _chosen_list(lists, request.GET.get("list", "") if request is not None else "")
     queue = retry_queue(posts_url)
     rows = setting_rows()
+    # The health facts are read here, once, for the banner and the relays section alike.
+    facts = health.report().for_user(user) if user is not None and can_view(user) else None
+    limits, limits_error = (facts.limits, facts.limits_error) if facts else health.sending_limits()
     return {
+        "health": facts,
+        "limits": limit_rows(limits),
+        "limits_error": limits_error,
+        "one_server": "" if limits or limits_error else one_server(),
         "may_open_posts": may_open_posts,
         "may_open_lists": may_open_lists,
         "queue": queue,

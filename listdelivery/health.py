@@ -19,16 +19,26 @@ local-memory cache), and reading it costs a broker round trip on every health
 check. With ``Q_CLUSTER["catch_up"]`` on (django-q2's default) a cluster that
 comes back after a long stop moves ``next_run`` one interval per scheduler
 look, so it reads as late until it has caught up; the banner says so.
+
+When traffic shaping is configured (:class:`~listdelivery.shaping.Shaper`),
+the report also reads each relay and destination group from the shared
+limits store: a few queries each in the database store, bounded by the
+settings, not by the data. A relay resting after failures is a warning, and
+posts set aside by a sending limit are counted: neither is a failure, unless
+every relay rests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
 
 from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 from django.db.models import Count, F, Max, Min, Q
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
@@ -36,8 +46,12 @@ from django.utils.text import Truncator
 
 from . import conf, rules
 from .models import DeliveryStatus, Member, OutgoingMessage, RunnerPass
+from .rates import Rate
 from .redact import without, without_url_passwords
+from .shaping import Shaper
 from .tasks import TASK
+
+logger = logging.getLogger(__name__)
 
 Status = OutgoingMessage.Status
 
@@ -50,7 +64,9 @@ SCHEDULE_LATE_AFTER = timedelta(minutes=2)
 #: scheduler's look, then the task's turn in the broker's queue.
 OVERDUE_SLACK = timedelta(minutes=1)
 #: Kinds of trouble that only an administrator ends (the remedy says "then Retry now").
-ADMIN_PROBLEMS = frozenset(rules.PROBLEMS) - {"connection", "server"}
+ADMIN_PROBLEMS = frozenset(rules.PROBLEMS) - {"connection", "server", "limited"}
+#: The problem of a post set aside until a sending limit allows it: not trouble.
+LIMITED = "limited"
 EXAMPLE_CHARS = 300
 
 POSTS_CHANGELIST = "admin:listdelivery_outgoingmessage_changelist"
@@ -65,6 +81,7 @@ LINK_MODELS = {
     "held": "listdelivery.%s_outgoingmessage",
     "needs_admin": "listdelivery.%s_outgoingmessage",
     "problem": "listdelivery.%s_outgoingmessage",
+    "limited": "listdelivery.%s_outgoingmessage",
     "members_disabled": "listdelivery.%s_member",
     "schedule": "django_q.%s_schedule",
 }
@@ -109,8 +126,12 @@ def needs_admin_q() -> Q:
 
 
 def troubled_q() -> Q:
-    """Posts held or delayed by server trouble: what the banner groups by problem."""
-    return Q(status=Status.HELD) | (Q(status=Status.RETRY) & ~Q(problem=""))
+    """Posts held or delayed by server trouble, or set aside by a sending limit (queued too)."""
+    return (
+        Q(status=Status.HELD)
+        | (Q(status=Status.RETRY) & ~Q(problem=""))
+        | Q(status=Status.QUEUED, problem=LIMITED)
+    )
 
 
 def start_of_today(now: datetime) -> datetime:
@@ -142,10 +163,98 @@ class ProblemGroup:
     example: str  # one post's last error, with the SMTP password masked
     since: datetime | None  # the oldest of them last changed then
     link: str = ""
+    next_attempt: datetime | None = None  # the soonest of them is tried again then
 
     @property
     def needs_admin(self) -> bool:
         return self.awaiting_admin > 0 or (self.held > 0 and self.kind in ADMIN_PROBLEMS)
+
+
+@dataclass
+class SendingLimit:
+    """A relay or a destination group as every runner sees it now, in the shared limits store."""
+
+    kind: str  # "relay" or "destination"
+    name: str
+    limits: str  # for people: the relay's host and limits, the group's rate and domains
+    rate: Rate | None  # the rate "slow down" replies lower (the first one configured)
+    learned_rate: float | None  # per second now: the full rate until the server asked for less
+    sessions: int | None
+    connections: int  # the cap on sessions open at once; 0: none
+    quota_used: int | None
+    quota: int  # recipients a UTC day; 0: none
+    throttled_until: datetime | None  # a 421 "come back later" stopped it until then
+    resting_until: datetime | None  # a relay that refused connections, TLS or the login
+
+    @property
+    def resting(self) -> bool:
+        return self.resting_until is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "limits": self.limits,
+            "rate_per_second": self.rate.per_second if self.rate else None,
+            "learned_rate_per_second": self.learned_rate,
+            "sessions": self.sessions,
+            "connections": self.connections or None,
+            "quota_used": self.quota_used,
+            "quota": self.quota or None,
+            "throttled_until": _iso(self.throttled_until),
+            "resting_until": _iso(self.resting_until),
+        }
+
+
+def sending_limits() -> tuple[list[SendingLimit], str]:
+    """Each relay and destination group when traffic is shaped, else none; and a read error.
+
+    A few queries per relay and group with the database store: bounded by the
+    settings (how many relays and groups there are), never by the data.
+    """
+    try:
+        shaper = Shaper(conf.get_config())
+    except ImproperlyConfigured:  # the dashboard's settings table says what is wrong
+        return [], ""
+    if not shaper.active:
+        return [], ""
+    try:
+        rows = shaper.snapshot()
+    except DatabaseError:
+        raise
+    except Exception as error:  # Redis may be down: the health check must still answer
+        logger.warning("Could not read the sending limits: %s", error)
+        return [], f"{type(error).__name__}: {error}"
+    relays = {relay.name: relay for relay in shaper.relays}
+    groups = {group.name: group for group in shaper.router.groups}
+    found = []
+    for row in rows:
+        if row["kind"] == "relay":
+            relay = relays[row["name"]]
+            rates, connections = relay.rates, relay.connections
+            limits = relay.describe().removeprefix(f"{relay.name} (").removesuffix(")")
+        else:
+            rates, connections, limits = groups[row["name"]].rates, 0, row["limits"]
+        rate = rates[0] if rates else None
+        learned = row["learned_rate"]
+        if learned is None and rate is not None:  # not used yet: nothing learned
+            learned = rate.per_second
+        found.append(
+            SendingLimit(
+                kind=row["kind"],
+                name=row["name"],
+                limits=limits,
+                rate=rate,
+                learned_rate=learned,
+                sessions=row["sessions"],
+                connections=connections,
+                quota_used=row["quota_used"],
+                quota=row["quota"] or 0,
+                throttled_until=row["throttled_until"],
+                resting_until=row["resting_until"],
+            )
+        )
+    return found, ""
 
 
 @dataclass
@@ -166,12 +275,19 @@ class Health:
     needs_admin: int
     problems: list[ProblemGroup]
     members_disabled_today: int
+    limited: int = 0  # posts set aside until a sending limit allows them
+    limited_until: datetime | None = None  # the soonest of them goes on then
+    limits: list[SendingLimit] = field(default_factory=list)
+    limits_error: str = ""  # why the shared limits could not be read
     #: Admin change lists filtered to each fact; "" where the user may not open it.
     links: dict[str, str] = field(default_factory=dict)
 
     @property
     def reasons(self) -> list[str]:
-        """Why delivery is not healthy: ``no_pass``, ``overdue``, ``needs_admin``."""
+        """Why delivery is not healthy: ``no_pass``, ``overdue``, ``needs_admin``, ``relays_resting``.
+
+        One relay resting is not a reason: the others take its traffic. All of them is.
+        """
         reasons = []
         if self.pass_stale and (self.due or self.overdue):
             reasons.append("no_pass")
@@ -179,7 +295,17 @@ class Health:
             reasons.append("overdue")
         if self.needs_admin:
             reasons.append("needs_admin")
+        if self.relays and all(relay.resting for relay in self.relays):
+            reasons.append("relays_resting")
         return reasons
+
+    @property
+    def relays(self) -> list[SendingLimit]:
+        return [limit for limit in self.limits if limit.kind == "relay"]
+
+    @property
+    def resting_relays(self) -> list[SendingLimit]:
+        return [relay for relay in self.relays if relay.resting]
 
     @property
     def ok(self) -> bool:
@@ -220,8 +346,11 @@ class Health:
                 "stalled": self.stalled,
                 "held": self.held,
                 "needs_admin": self.needs_admin,
+                "limited": self.limited,
+                "limited_until": _iso(self.limited_until),
             },
             "members_disabled_by_bounces_today": self.members_disabled_today,
+            "relays": {"total": len(self.relays), "resting": len(self.resting_relays)},
         }
         if self.last_pass:
             data["last_pass"] = {
@@ -246,12 +375,17 @@ class Health:
                 }
                 for group in self.problems
             ]
+            data["limits"] = [limit.as_dict() for limit in self.limits]
+            data["limits_error"] = self.limits_error
             data["links"] = {name: url for name, url in self.links.items() if url}
         return data
 
 
 def report(now: datetime | None = None) -> Health:
-    """The facts, as of ``now``: five queries whatever the table sizes."""
+    """The facts, as of ``now``: five queries whatever the table sizes.
+
+    With traffic shaping configured, add the limits store's few per relay and group.
+    """
     now = now or timezone.now()
     last_pass = _last_pass(now)
     cluster, interval, next_run, catch_up = sweep_state(now)
@@ -268,6 +402,9 @@ def report(now: datetime | None = None) -> Health:
         delivery_status=DeliveryStatus.BY_BOUNCES, disabled_at__gte=start_of_today(now)
     ).count()
     stale_after = 3 * interval + SCHEDULE_LATE_AFTER
+    problems = _problems()
+    limited = next((group for group in problems if group.kind == LIMITED), None)
+    limits, limits_error = sending_limits()
     return Health(
         checked_at=now,
         last_pass=last_pass,
@@ -276,8 +413,12 @@ def report(now: datetime | None = None) -> Health:
         sweep_interval=interval,
         sweep_next_run=next_run,
         catch_up=catch_up,
-        problems=_problems(),
+        problems=[group for group in problems if group is not limited],
         members_disabled_today=disabled,
+        limited=limited.posts if limited else 0,
+        limited_until=limited.next_attempt if limited else None,
+        limits=limits,
+        limits_error=limits_error,
         links=_links(cluster),
         **posts,
     )
@@ -336,6 +477,7 @@ def _problems() -> list[ProblemGroup]:
             awaiting_admin=Count("pk", filter=Q(status=Status.HELD, next_attempt_at__isnull=True)),
             example=Max("last_error"),
             since=Min("updated_at"),
+            next_attempt=Min("next_attempt_at"),
         )
         .order_by("problem")
     )
@@ -354,6 +496,7 @@ def _problems() -> list[ProblemGroup]:
                 example=redacted(row["example"] or "", password),
                 since=row["since"],
                 link=_url(POSTS_CHANGELIST, f"problem={kind}"),
+                next_attempt=row["next_attempt"],
             )
         )
     return _merged(groups)
@@ -372,6 +515,7 @@ def _merged(groups: list[ProblemGroup]) -> list[ProblemGroup]:
         seen.awaiting_admin += group.awaiting_admin
         seen.example = seen.example or group.example
         seen.since = min(filter(None, (seen.since, group.since)), default=None)
+        seen.next_attempt = min(filter(None, (seen.next_attempt, group.next_attempt)), default=None)
     # What needs an administrator first, then the most posts.
     return sorted(by_kind.values(), key=lambda g: (not g.needs_admin, -g.posts, g.kind))
 
@@ -390,6 +534,7 @@ def _links(cluster: str) -> dict[str, str]:
         "sending": _url(POSTS_CHANGELIST, "status__exact=sending"),
         "held": _url(POSTS_CHANGELIST, "status__exact=held"),
         "needs_admin": _url(POSTS_CHANGELIST, "health=needs_admin"),
+        "limited": _url(POSTS_CHANGELIST, f"problem={LIMITED}"),
         "members_disabled": _url(
             MEMBERS_CHANGELIST, "delivery_status__exact=by_bounces&disabled=today"
         ),

@@ -5,7 +5,9 @@ any number of runners on any number of machines, and nothing is kept in a
 process. A scrape costs a fixed handful of aggregate queries, whatever the size
 of the queue; none reads the recipients table (the hourly totals of
 :class:`~listdelivery.models.DeliveryHour` and the counters on each post stand
-in for it).
+in for it). With traffic shaping configured, each relay and destination
+group is read from the shared limits store too: a few queries each in the
+database store, as many as the settings have relays and groups.
 
 The metrics are built on a fresh :class:`~prometheus_client.CollectorRegistry`
 per scrape, never on prometheus_client's global registry, which a host site may
@@ -34,7 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from . import conf
+from . import conf, health
 from .models import BounceEvent, DeliveryHour, DeliveryStatus, Member, OutgoingMessage, RunnerPass
 from .rules import PROBLEMS
 
@@ -62,6 +64,7 @@ class DeliveryCollector:
         yield from self.sending_posts(now)
         yield self.delivery_time()
         yield from self.members_and_bounces()
+        yield from self.sending_limits()
 
     def posts(self) -> Iterator[Metric]:
         counts = dict(
@@ -274,6 +277,74 @@ class DeliveryCollector:
         for context in BounceEvent.Context.values:
             bounces.add_metric([context], events.get(context, 0))
         yield bounces
+
+    def sending_limits(self) -> Iterator[Metric]:
+        """Each relay and destination group as the shared limits store has it; none unshaped."""
+        limits, error = health.sending_limits()
+        if not limits and not error:
+            return
+        yield GaugeMetricFamily(
+            "listdelivery_limits_store_up",
+            "1 when the shared sending limits could be read, 0 when not (Redis down?).",
+            value=0 if error else 1,
+        )
+        relay, group = ["relay"], ["group"]
+        families = {
+            "relay_rate": GaugeMetricFamily(
+                "listdelivery_relay_rate",
+                "A relay's configured rate (its first), in messages per second.",
+                labels=relay,
+            ),
+            "relay_learned": GaugeMetricFamily(
+                "listdelivery_relay_learned_rate",
+                "A relay's rate now, in messages per second: lower than configured after the "
+                "server asked to slow down, climbing back after a quiet spell.",
+                labels=relay,
+            ),
+            "sessions": GaugeMetricFamily(
+                "listdelivery_relay_sessions",
+                "Sessions open to a relay with a session cap (CONNECTIONS), by every runner.",
+                labels=relay,
+            ),
+            "quota_used": GaugeMetricFamily(
+                "listdelivery_relay_quota_used",
+                "Recipients sent through a relay with a daily quota today (UTC).",
+                labels=relay,
+            ),
+            "quota": GaugeMetricFamily(
+                "listdelivery_relay_quota", "A relay's daily quota (QUOTA).", labels=relay
+            ),
+            "resting": GaugeMetricFamily(
+                "listdelivery_relay_resting",
+                "1 while a relay rests after refusing the connection, TLS or the login.",
+                labels=relay,
+            ),
+            "group_rate": GaugeMetricFamily(
+                "listdelivery_destination_rate",
+                "A destination group's configured rate (its first), in messages per second.",
+                labels=group,
+            ),
+            "group_learned": GaugeMetricFamily(
+                "listdelivery_destination_learned_rate",
+                "A destination group's rate now, in messages per second.",
+                labels=group,
+            ),
+        }
+        for limit in limits:
+            name = [limit.name]
+            prefix = "relay" if limit.kind == "relay" else "group"
+            if limit.rate is not None and limit.learned_rate is not None:
+                families[f"{prefix}_rate"].add_metric(name, limit.rate.per_second)
+                families[f"{prefix}_learned"].add_metric(name, limit.learned_rate)
+            if limit.kind != "relay":
+                continue
+            if limit.connections:
+                families["sessions"].add_metric(name, limit.sessions or 0)
+            if limit.quota:
+                families["quota_used"].add_metric(name, limit.quota_used or 0)
+                families["quota"].add_metric(name, limit.quota)
+            families["resting"].add_metric(name, 1 if limit.resting else 0)
+        yield from families.values()
 
 
 class SecondsBetween(Func):
