@@ -30,6 +30,7 @@ from django.utils.translation import ngettext
 from . import conf, health, relays
 from .models import DeliveryHour, MailingList, OutgoingMessage
 from .rates import Rate
+from .redact import without_url_passwords
 
 Status = OutgoingMessage.Status
 
@@ -96,6 +97,8 @@ def setting_rows() -> list[SettingRow]:
         else:
             shown = display_value(value)
         description = conf.DESCRIPTIONS.get(key, "")
+        # A redis:// URL (RATE_LIMIT_STORAGE) may carry a password.
+        shown, problem = without_url_passwords(shown), without_url_passwords(problem)
         rows.append(SettingRow(key, shown, str(source), problem, description))
     return rows
 

@@ -223,8 +223,9 @@ def sending_limits() -> tuple[list[SendingLimit], str]:
     except DatabaseError:
         raise
     except Exception as error:  # Redis may be down: the health check must still answer
-        logger.warning("Could not read the sending limits: %s", error)
-        return [], f"{type(error).__name__}: {error}"
+        text = without_url_passwords(f"{type(error).__name__}: {error}")
+        logger.warning("Could not read the sending limits: %s", text)
+        return [], text
     relays = {relay.name: relay for relay in shaper.relays}
     groups = {group.name: group for group in shaper.router.groups}
     found = []

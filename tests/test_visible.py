@@ -262,3 +262,18 @@ def test_one_server_without_limits_says_so_and_adds_no_metrics(deliver_to, admin
     assert "One server, no limits (SMTP_HOST 127.0.0.1:" in html
     samples = scrape(client)
     assert not [name for name, _labels in samples if name.startswith("listdelivery_relay")]
+
+
+def test_limits_that_cannot_be_read_are_a_warning_not_a_broken_page(
+    settings, mlist, admin_client, client
+):
+    use(
+        settings,
+        RELAYS=[{"NAME": "a", "HOST": "127.0.0.1", "RATE": "14/s"}],
+        RATE_LIMIT_STORAGE="redis://:pa55word@127.0.0.1:1/0",  # nothing listens on port 1
+    )
+    html = dashboard_html(admin_client)
+    assert "The shared sending limits could not be read" in html and "pa55word" not in html
+    assert value(scrape(client), "listdelivery_limits_store_up") == 0
+    answer = client.get(HEALTH_URL)
+    assert answer.status_code == 200 and answer.json()["relays"] == {"total": 0, "resting": 0}
