@@ -13,8 +13,8 @@ moves it ``n`` intervals on. So one atomic statement takes ``n`` tokens: a Lua
 script in Redis, one conditional UPDATE in the database. We chose it over the
 ``limits`` package (no Django-database storage) and ``pyrate-limiter`` (its
 SQL buckets write a row per message). Over any window of ``w`` seconds GCRA
-lets through at most ``w × rate + burst``; the default burst is 4 % of a
-second's worth, so no second sees more than 4 % above the rate.
+lets through at most ``w × rate + burst``; the default burst is 2 % of a
+second's worth, so no second sees more than 2 % above the rate.
 
 A rate over an hour or a day (``1000/h``, ``50000/d``) is the same smooth
 limit, spread over the period. A quota is different: a count per UTC day

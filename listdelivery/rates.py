@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Share of a second's worth of a rate that may go at once (the default burst).
-BURST_SHARE = 0.04
+BURST_SHARE = 0.02
 
 DAY = 86400
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}

@@ -102,7 +102,7 @@ def test_a_rate_of_nothing_is_refused():
 
 
 def test_the_default_burst_keeps_any_second_within_a_few_percent_of_the_rate():
-    assert Rate.parse("200/s").default_burst() == 8  # at most 208 in any second
+    assert Rate.parse("200/s").default_burst() == 4  # at most 204 in any second
     assert Rate.parse("14/s").default_burst() == 1
     assert Rate.parse("50000/d").default_burst() == 1
 
