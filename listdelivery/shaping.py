@@ -52,6 +52,8 @@ SLOW_DOWN_REPLIES = [
 MAX_THROTTLES = 8
 #: Seconds a slot of a session cap lives without renewal (a killed runner's frees itself).
 SLOT_TTL = 60.0
+#: Seconds a rate waits after a "slow down" reply, for the server's window to empty.
+SLOW_DOWN_PAUSE = 0.5
 #: Seconds a "too many connections" reply rests the relay's new sessions.
 CONNECTION_PAUSE = 1.0
 #: Seconds between two reads of whether a relay rests.
@@ -159,18 +161,25 @@ class Shaper:
         reply = f"{code} {text}" if code is not None else text
         return any(pattern.search(reply) for pattern in self.slow_down_replies)
 
-    def slow_down(self, relay: Relay, recipients: list[str], code: int | None, text: str) -> None:
-        """The server said "slow down": lower the learned rates, or pause new sessions."""
+    def slow_down(self, relay: Relay, recipients: list[str], code: int | None, text: str) -> float:
+        """The server said "slow down": lower the learned rates and pause them a moment.
+
+        The pause lets the server's own window empty: sending again at once, even at
+        the lower rate, would only be turned away again. Returns the seconds to wait.
+        """
         logger.info("Relay %s asks to slow down: %s %s", relay.name, code, text)
         if code == 421 and "connection" in text.lower():
             self.store.throttle_for(_relay_key(relay, None), CONNECTION_PAUSE)
-        for rate in relay.rates[:1]:
-            self.store.slow_down(_relay_key(relay, rate))
+        keys = [_relay_key(relay, rate) for rate in relay.rates[:1]]
         for group in self.router.groups_of(recipients):
-            for rate in group.rates[:1]:
-                self.store.slow_down(_group_key(group, rate))
+            keys += [_group_key(group, rate) for rate in group.rates[:1]]
+        for key in keys:
+            self.store.slow_down(key)
+            self.store.throttle_for(key, SLOW_DOWN_PAUSE)
         if not relay.rates:
             self.store.throttle_for(_relay_key(relay, None), CONNECTION_PAUSE)
+            return CONNECTION_PAUSE
+        return SLOW_DOWN_PAUSE
 
     def paused_for(self, relay: Relay) -> float:
         """Seconds until the relay takes new sessions again (after "too many connections")."""

@@ -759,8 +759,7 @@ class SMTPPool:
             failure = outcome.failure
             slow = _slow_down_reply(shaper, outcome)
             if slow is not None and work.throttled(transaction) <= MAX_THROTTLES:
-                shaper.slow_down(relay, transaction.recipients, *slow)
-                work.park(transaction, 0.0)
+                work.park(transaction, shaper.slow_down(relay, transaction.recipients, *slow))
                 continue
             if failure is not None and failure.code is None and slow is None and len(allowed) > 1:
                 # No reply mid-transaction: the relay went away. Not accepted, so another
