@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "VERP_FORMAT": "${bounces}+${local}=${domain}",
     "VERP_PERSONALIZED_DELIVERIES": False,
     "VERP_DELIVERY_INTERVAL": 0,
+    "XVERP": False,  # let a server that offers XVERP (Postfix) write the VERP'd senders
     # Bounce scoring (Mailman's list defaults).
     "BOUNCE_SCORE_THRESHOLD": 5,
     "BOUNCE_INFO_STALE_AFTER": timedelta(days=7),
@@ -103,6 +104,9 @@ DESCRIPTIONS: dict[str, str] = {
     "VERP_FORMAT": "How a VERP'd envelope sender is written; @ and the list's domain follow it.",
     "VERP_PERSONALIZED_DELIVERIES": "VERP every post of a personalized list.",
     "VERP_DELIVERY_INTERVAL": "Lists without personalization: 0 never VERP, 1 always, N every Nth post.",
+    "XVERP": "VERP'd posts of lists without personalization go in chunks with XVERP, the "
+    "server writing each copy's VERP'd sender, when the server offers it (Postfix) and "
+    "VERP_FORMAT is the default; off: one copy per member.",
     "BOUNCE_SCORE_THRESHOLD": "A member whose bounce score reaches this has delivery disabled.",
     "BOUNCE_INFO_STALE_AFTER": "A bounce score older than this starts again from 1.",
     "UNSUBSCRIBE_BASE_URL": "Where the site serves listdelivery's pages; when set, personalized "

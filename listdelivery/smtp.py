@@ -56,6 +56,14 @@ class Transaction:
     sender: str
     recipients: list[str]
     message: bytes
+    #: Ask the server for ``XVERP=+=`` (Postfix): it gives each recipient's copy the sender
+    #: ``bounces+local=domain@…``. A session whose server does not offer XVERP sends nothing
+    #: and fails the transaction at the stage "xverp".
+    xverp: bool = False
+
+
+#: Postfix's XVERP with these delimiters writes ``bounces+local=domain@…``, our default VERP.
+XVERP_OPTION = "XVERP=+="
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,10 @@ class _Features:
     smtputf8: bool
     size: bool
     size_limit: int  # 0: SIZE offered without a limit, or not offered
+    extensions: frozenset[str] = frozenset()  # every keyword offered, lower case
+
+    def offers(self, extension: str) -> bool:
+        return extension.lower() in self.extensions
 
     @classmethod
     def of(cls, smtp: smtplib.SMTP) -> _Features:
@@ -215,6 +227,7 @@ class _Features:
             smtputf8=smtp.has_extn("smtputf8"),
             size=size,
             size_limit=size_limit,
+            extensions=frozenset(smtp.esmtp_features),
         )
 
 
@@ -241,6 +254,15 @@ class Connection:
             # The server dropped an idle session between two posts: not a delivery failure.
             outcome = self._send_once(transaction)
         return outcome
+
+    def offers(self, extension: str) -> bool:
+        """Whether the server's EHLO offers ``extension``; opens the session to ask if needed.
+
+        ``False`` when no session can be opened: then sending will meet the same failure.
+        """
+        if self.smtp is None and self._open() is not None:
+            return False
+        return self.features.offers(extension)
 
     def close(self) -> None:
         smtp, self.smtp = self.smtp, None
@@ -353,6 +375,14 @@ class Connection:
                     ),
                 )
             options.append("SMTPUTF8")
+        if transaction.xverp:
+            if not features.offers("xverp"):
+                # Sent without it, every copy would carry the plain sender: no VERP.
+                return Outcome(
+                    transaction,
+                    failure=Failure("xverp", 555, "5.5.4 the SMTP server does not offer XVERP"),
+                )
+            options.append(XVERP_OPTION)
         message = wire_safe(transaction.message, eight_bit_ok=features.eight_bit_mime)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
@@ -650,6 +680,33 @@ class SMTPPool:
         """How many times a session was opened (a reconnect counts again)."""
         shaped = sum(s.connection.opened for s in self._sessions.values())
         return sum(c.opened for c in self.connections) + shaped
+
+    def offers(self, extension: str, relays: Iterable[str] = ()) -> bool:
+        """Whether the server offers the EHLO ``extension`` (``"xverp"``); with traffic shaping,
+        whether every relay of ``relays`` (empty: all) that is not resting does.
+
+        Asked between two :meth:`send_all`, never during one: it opens a session where none is
+        open (within a relay's session cap), which the next transactions then use. ``False``
+        when a session cannot be opened.
+        """
+        if not self.shaper.active:
+            connection = next((c for c in self.connections if c.smtp is not None), None)
+            return (connection or self.connections[0]).offers(extension)
+        names = set(relays)
+        allowed = [r for r in self.shaper.relays if not names or r.name in names]
+        asked = [r for r in allowed or self.shaper.relays if not self.shaper.resting(r)]
+        for relay in asked:
+            session = self._session(0, relay)
+            if session.connection.smtp is None:
+                if session.slot is None and not self.shaper.paused_for(relay):
+                    session.slot = self.shaper.open_session(relay, self._holder)
+                if session.slot is None:  # the relay's sessions are all taken, or paused
+                    return False
+            if not session.connection.offers(extension):
+                if session.connection.smtp is None:
+                    self._let_go(session)
+                return False
+        return bool(asked)
 
     def send_all(
         self,

@@ -66,8 +66,14 @@ thread; :meth:`SMTPTestServer.clear` switches them all off again:
 
 Constructor options describe the server rather than a fault and are not reset
 by ``clear()``: ``auth``, ``auth_mechanisms``, ``smtputf8``, ``pipelining``,
-``tls_context``, ``data_size_limit`` and ``eight_bit_mime`` (``False`` leaves
-8BITMIME out of the EHLO reply and refuses ``BODY=8BITMIME`` with 555).
+``tls_context``, ``data_size_limit``, ``eight_bit_mime`` (``False`` leaves
+8BITMIME out of the EHLO reply and refuses ``BODY=8BITMIME`` with 555) and
+``xverp`` (``True`` offers Postfix's XVERP and takes ``XVERP`` or ``XVERP=+=`` at
+MAIL FROM; without it that parameter gets 555, as from any server that does not
+offer it). A message sent with XVERP is recorded once, with all its
+``rcpt_tos`` and ``XVERP=+=`` in ``mail_options``;
+:meth:`ReceivedMessage.sender_for` gives the sender each recipient's copy
+would carry.
 
 What the server saw besides messages: ``connections`` (sessions accepted),
 ``refused_connections``, ``peak_connections`` (the most sessions open at once),
@@ -105,6 +111,9 @@ TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
 THROTTLING_FAILURE = "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
 QUOTA_EXCEEDED = "454 4.7.0 Throttling failure: Daily message quota exceeded."
+#: Postfix's default XVERP delimiters: the first follows the sender's local part, the second
+#: stands for the recipient's @.
+XVERP_DELIMITERS = "+="
 #: The window ``rate_limit`` counts accepted messages over.
 RATE_WINDOW_SECONDS = 1.0
 #: How long a hung-up session waits for the client to close before closing itself.
@@ -133,6 +142,17 @@ class ReceivedMessage:
         """Whether the content had any byte over 127."""
         return not self.content.isascii()
 
+    def sender_for(self, recipient: str) -> str:
+        """The envelope sender ``recipient``'s copy carries: ``mail_from``, or with XVERP the
+        address Postfix writes (``bounces+local=domain@…`` with its default delimiters)."""
+        option = next((o for o in self.mail_options if o.partition("=")[0] == "XVERP"), None)
+        if option is None:
+            return self.mail_from
+        delimiters = option.partition("=")[2] or XVERP_DELIMITERS
+        local, _, domain = recipient.rpartition("@")
+        bounces, _, sender_domain = self.mail_from.rpartition("@")
+        return f"{bounces}{delimiters[0]}{local}{delimiters[1]}{domain}@{sender_domain}"
+
 
 def _longest_line(content: bytes) -> int:
     return max(len(line) for line in content.split(b"\r\n"))
@@ -158,6 +178,8 @@ class _Handler:
             responses.remove("250-8BITMIME")
         if self._owner.pipelining:
             responses.insert(-1, "250-PIPELINING")  # before aiosmtpd's closing "250 HELP"
+        if self._owner.xverp:
+            responses.insert(-1, "250-XVERP")
         return responses
 
     async def handle_HELO(
@@ -297,6 +319,22 @@ class _SMTP(SMTP):
             self._open = False
             self._owner._unregister_connection()
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd refuses parameters it does not know: with ``xverp`` it is taken out before,
+        and added to the envelope's options once MAIL FROM is accepted."""
+        xverp = None
+        if arg and self._owner.xverp:
+            words = arg.split(" ")
+            kept = [w for w in words if w.upper().partition("=")[0] != "XVERP"]
+            if len(kept) < len(words):
+                xverp = next(w for w in words if w not in kept).upper()
+                arg = " ".join(kept)
+        nested = self.envelope.mail_from is not None
+        await super().smtp_MAIL(arg)
+        if xverp and not nested and self.envelope.mail_from is not None:
+            self.envelope.mail_options.append(xverp)
+
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         reply = self._owner.fail_starttls
@@ -407,6 +445,7 @@ class SMTPTestServer:
         eight_bit_mime: bool = True,
         tls_context: ssl.SSLContext | None = None,
         data_size_limit: int = 64 * 1024 * 1024,
+        xverp: bool = False,
     ) -> None:
         self.host = host
         self.port = _free_port(host) if port is None else port
@@ -417,6 +456,7 @@ class SMTPTestServer:
         self.eight_bit_mime = eight_bit_mime
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
+        self.xverp = xverp
 
         self._lock = threading.Lock()
         self._received = threading.Condition(self._lock)
