@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from email import message_from_string
+from email import message_from_bytes, message_from_string
 from email.message import Message
 from pathlib import Path
 
 import pytest
 
+from listdelivery import verp
 from listdelivery.models import (
     BounceEvent,
     MailingList,
@@ -283,3 +284,50 @@ def test_a_post_over_the_size_limit_is_held_with_the_reason_and_never_uploaded_a
     )
     sessions = [line for line in server.log_lines("connect from") if ": connect from" in line]
     assert len(sessions) <= 1, "a held post was tried again\n" + explain(server, row)
+
+
+def test_a_verpd_post_without_personalization_goes_through_xverp_and_each_copy_names_its_member(
+    db, postfix
+):
+    """Postfix offers XVERP to its networks: 20 members go in two transactions of ten, and
+    every copy's Return-Path is that member's VERP'd bounces address (issue 14)."""
+    members = addresses("verpd", 20)
+    server = postfix(
+        members, listdelivery={"XVERP": True}, smtpd_authorized_verp_clients="127.0.0.0/8"
+    )
+    row = queue_post(make_list("xverp@example.com", members), post("xverp"), verp=True)
+
+    run()
+
+    assert_one_copy_each(server, members, row)
+    verp_format = "${bounces}+${local}=${domain}"
+    for member in members:
+        (copy,) = server.messages(member)
+        return_path = message_from_bytes(copy)["Return-Path"].strip("<>")
+        found = verp.decode(return_path, verp_format, bounces="xverp-bounces")
+        assert found == member, f"{member}'s copy returns to {return_path}\n" + explain(server)
+    queued = [line for line in server.log_lines("nrcpt=") if "qmgr" in line]
+    assert len(queued) == 2 and all("nrcpt=10 " in line for line in queued), (
+        "Postfix did not get two chunks of ten\n" + "\n".join(queued)
+    )
+    row.refresh_from_db()
+    assert row.status == Status.DELIVERED, explain(server, row)
+
+
+def test_a_postfix_that_does_not_offer_xverp_to_us_gets_one_verpd_copy_per_member(db, postfix):
+    """Postfix 3.7 offers XVERP to nobody unless told: the setting on changes nothing then."""
+    members = addresses("plainverp", 5)
+    server = postfix(members, listdelivery={"XVERP": True})
+    row = queue_post(make_list("noxverp@example.com", members), post("no xverp"), verp=True)
+
+    run()
+
+    assert_one_copy_each(server, members, row)
+    for member in members:
+        (copy,) = server.messages(member)
+        local, _, domain = member.partition("@")
+        assert message_from_bytes(copy)["Return-Path"] == (
+            f"<noxverp-bounces+{local}={domain}@example.com>"
+        )
+    queued = [line for line in server.log_lines("nrcpt=") if "qmgr" in line]
+    assert len(queued) == len(members), "\n".join(queued)
