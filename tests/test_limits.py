@@ -322,6 +322,7 @@ def output(process: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.numbers  # with the shaping figures: .ci/run, not make test
 def test_two_processes_taking_from_one_limit_never_exceed_its_rate_together(store):
     rate, seconds = Rate.parse("100/s"), 0.5
     processes = [
@@ -342,6 +343,7 @@ def test_two_processes_taking_from_one_limit_never_exceed_its_rate_together(stor
 
 
 @pytest.mark.slow
+@pytest.mark.numbers  # with the shaping figures: .ci/run, not make test
 def test_slots_cap_sessions_across_processes_and_a_killed_holders_slot_frees_after_its_ttl(
     store,
 ):
@@ -364,6 +366,7 @@ def test_slots_cap_sessions_across_processes_and_a_killed_holders_slot_frees_aft
 
 
 @pytest.mark.slow
+@pytest.mark.numbers  # with the shaping figures: .ci/run, not make test
 def test_a_daily_quota_holds_across_a_restart_of_every_process(store):
     assert output(worker(store, do="quota", key="relay:daily", limit=1000, n=600)) == "600\n"
     restarted = same_kind(store)  # a new process after the first one ended
