@@ -93,6 +93,7 @@ def test_qcluster_delivers_a_queued_post_within_seconds(smtpd, mlist, first_post
     assert (result["posts"], result["delivered"], result["recipients"]) == (1, 1, 3)
 
 
+@pytest.mark.long  # django-q2's scheduler looks every 30 seconds
 def test_the_sweep_schedule_delivers_a_retry_when_its_time_comes(smtpd, mlist, first_post):
     smtpd.fail_rcpt = {"cperson@example.com": "450 4.2.0 Mailbox busy"}
     cluster = start_cluster(cluster_environment(smtpd, DELIVERY_RETRY_DELAY=1))

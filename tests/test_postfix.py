@@ -216,6 +216,7 @@ def test_a_message_rate_limit_defers_the_excess_and_delivers_it_after_the_window
     assert row.status == Status.DELIVERED, explain(server, row)
 
 
+@pytest.mark.long
 @pytest.mark.django_db(transaction=True)
 def test_two_runners_against_a_tarpit_give_every_member_one_copy(postfix):
     """After 2 errors in a session Postfix waits a second before every reply; two runners
