@@ -22,7 +22,9 @@ repetitions) and measures, in one run:
    (:mod:`bench.shaped`): time to the last recipient of a gmail/yahoo/outlook/other mix
    under the shipped destination pack, as a ratio to the least the limits allow; an
    ``SMTP_RATE`` set above the sink's limit (time, throttled share) and one set right
-   (busiest second, mean rate), each with two runner processes.
+   (busiest second, mean rate), each with two runner processes;
+8. **xverp**: a VERP'd post of a list without personalization through a private Postfix
+   (:mod:`bench.xverp`), in chunks with XVERP against one copy per recipient (recipients/s).
 
 For each: the median seconds over ``--repeat`` runs, messages (SMTP
 transactions) per second, recipients per second and the ratio to the baseline
@@ -75,7 +77,16 @@ SMTP_SINK = Path("/usr/sbin/smtp-sink")
 
 FULL_SIZE = {"members": 10_000, "posts": 1_000, "memory_members": 100_000, "repeat": 3}
 QUICK_SIZE = {"members": 500, "posts": 50, "memory_members": 2_000, "repeat": 1}
-SCENARIOS = ("baseline", "personalized", "bulk", "many", "memory", "dashboard", "shaped")
+SCENARIOS = (
+    "baseline",
+    "personalized",
+    "bulk",
+    "many",
+    "memory",
+    "dashboard",
+    "shaped",
+    "xverp",
+)
 
 PERSONALIZED_LIST = "personalized@bench.example.org"
 BULK_LIST = "bulk@bench.example.org"
@@ -175,6 +186,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shaped-members",
         type=int,
         help="members of the shaped scenario's destination mix (default 1000; --quick 200)",
+    )
+    parser.add_argument(
+        "--xverp-members",
+        type=int,
+        help="members of the xverp scenario's post (default 10000; --quick 1000)",
     )
     parser.add_argument(
         "--profile",
@@ -1307,7 +1323,34 @@ def render_diagnostics(diagnostics: dict[str, Any]) -> str:
     shaped = diagnostics.get("shaped")
     if shaped:
         out.extend(render_shaped(shaped))
+    xverp = diagnostics.get("xverp")
+    if xverp:
+        out.append(render_xverp(xverp))
     return "\n".join(out)
+
+
+def render_xverp(xverp: dict[str, Any]) -> str:
+    if "skipped" in xverp:
+        return f"xverp: skipped, {xverp['skipped']}"
+    copies = xverp["one_copy_each"]
+    lines = [
+        f"xverp, VERP'd post to {xverp['members']:,} members through Postfix, "
+        f"{xverp['connections']} connections: one copy each {copies['recipients_per_second']:,.0f}"
+        f" recipients/s ({copies['seconds']} s, {copies['transactions']:,} transactions); "
+        f"target {xverp['target']}"
+    ]
+    for chunks in xverp["xverp"]:
+        lines.append(
+            f"  chunks of {chunks['max_recipients']} with XVERP: "
+            f"{chunks['recipients_per_second']:,.0f}/s ({chunks['seconds']} s, "
+            f"{chunks['transactions']:,} transactions), {chunks['ratio']}x: "
+            f"{'yes' if chunks['met'] else 'NO'}"
+        )
+    lines.append(
+        "  Postfix then delivered every copy in "
+        + ", ".join(f"{r['postfix_delivery_seconds']} s" for r in [copies, *xverp["xverp"]])
+    )
+    return "\n".join(lines)
 
 
 def render_shaped(shaped: dict[str, Any]) -> list[str]:
@@ -1471,6 +1514,13 @@ def main(argv: list[str] | None = None) -> int:
                     shaped.QUICK_RATE_MEMBERS if options.quick else shaped.FULL_RATE_MEMBERS
                 )
                 bench.diagnostics["shaped"] = shaped.run(members, rate_members, bench.progress)
+            if "xverp" in options.only:
+                from bench import xverp
+
+                members = options.xverp_members or (
+                    xverp.QUICK_MEMBERS if options.quick else xverp.FULL_MEMBERS
+                )
+                bench.diagnostics["xverp"] = xverp.run(members, bench.progress)
             if options.profile:
                 bench.run_profiles(Path(options.json).parent)
         except CorrectnessError as failure:

@@ -203,6 +203,18 @@ def test_a_chunk_on_a_session_without_xverp_is_sent_as_one_verpd_copy_each(setti
     ]
 
 
+def test_a_post_going_with_xverp_checkpoints_every_checkpoint_every_chunks(
+    settings, xverp_server, smtpd
+):
+    """CHECKPOINT_EVERY counts transactions: with XVERP they are chunks of MAX_RECIPIENTS."""
+    post = Post(message=b"Subject: s\r\n\r\nx\r\n", sender="list-bounces@example.com", verp=True)
+    for server, expected in ((xverp_server, 100 * 10), (smtpd, 100)):
+        point_at(settings, server, CHECKPOINT_EVERY=100, MAX_RECIPIENTS=10)
+        config = conf.get_config()
+        with SMTPPool(config) as pool:
+            assert IndividualDelivery(pool, config).batch_size_for(post) == expected
+
+
 def test_a_bounce_to_the_sender_the_server_wrote_finds_the_member(
     settings, xverp_server, mlist, first_post, tmp_path
 ):

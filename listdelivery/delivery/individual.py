@@ -1,9 +1,10 @@
 """Individual delivery: one copy per recipient, VERP'd, personalized and decorated as the post asks.
 
-With the setting ``XVERP``, recipients whose copy is the same for everyone (a VERP'd post
-of a list without personalization) go in bulk chunks sent with ``XVERP=+=``, and the
-server (Postfix) writes each one's VERP'd sender: the same address :func:`verp.encode`
-writes, so bounces decode back to the member as before.
+With the setting ``XVERP``, a VERP'd post whose copy is the same for everyone (a list
+without personalization, no member data in its header or footer, no one-click link) goes
+in bulk chunks sent with ``XVERP=+=``, and the server (Postfix) writes each recipient's
+VERP'd sender: the same address :func:`verp.encode` writes, so bounces decode back to the
+member as before.
 """
 
 from __future__ import annotations
@@ -18,11 +19,31 @@ from ..smtp import Outcome, Transaction
 from .base import BaseDelivery, Post, Recipient
 from .bulk import chunkify
 
+#: A member and a non-member, whose copies show whether a post's copies differ at all.
+_PROBES = (
+    Recipient("probe@example.invalid", "Probe", member_id=0),
+    Recipient("probe@example.invalid"),
+)
+
 
 def written_by_xverp(verp_format: str) -> bool:
     """Whether ``verp_format`` writes what Postfix's ``XVERP=+=`` writes: ``bounces+local=domain``."""
     written = verp.encode("bounces@lists.example", "local@example.org", verp_format)
     return written == "bounces+local=example.org@lists.example"
+
+
+def one_copy_for_all(post: Post) -> bool:
+    """Whether every recipient's copy of ``post`` is its bulk copy.
+
+    A copy differs only where the prepared post has a slot for member data (a footer
+    with ``$user_address``, a one-click link, a rewritten To:); without one, a probe's
+    copy is the bulk copy, and so is everyone's.
+    """
+    if post.personalize != "none":
+        return False
+    if post.decoration is None:
+        return True
+    return all(post.personal_template.render(p) == post.bulk_message for p in _PROBES)
 
 
 class IndividualDelivery(BaseDelivery):
@@ -40,15 +61,25 @@ class IndividualDelivery(BaseDelivery):
         return super().deliver(post, recipients, stop)
 
     def may_use_xverp(self, post: Post) -> bool:
-        """The setting allows it, the post is VERP'd and not personalized, VERP_FORMAT is
-        XVERP's, and the server offers XVERP (asked last: it may open a session)."""
-        return (
+        """The setting allows it, the post is VERP'd, its copy is the same for everyone,
+        VERP_FORMAT is XVERP's, and the server offers XVERP (asked last: it may open a session)."""
+        return bool(
             self.config["XVERP"]
             and post.verp
-            and post.personalize == "none"
             and written_by_xverp(self.config["VERP_FORMAT"])
+            and one_copy_for_all(post)
             and self.pool.offers("xverp", post.relays)
         )
+
+    def batch_size_for(self, post: Post) -> int | None:
+        """Recipients between two checkpoints of ``post``: ``CHECKPOINT_EVERY`` transactions,
+        which with XVERP are chunks of ``MAX_RECIPIENTS``, as in bulk delivery."""
+        if not self.may_use_xverp(post):
+            return self.batch_size
+        per_transaction = self.config["MAX_RECIPIENTS"]
+        if per_transaction <= 0:
+            return None
+        return self.config["CHECKPOINT_EVERY"] * per_transaction
 
     def transactions(self, post: Post, recipients: Sequence[Recipient]) -> Iterator[Transaction]:
         verp_format = self.config["VERP_FORMAT"]
@@ -58,17 +89,11 @@ class IndividualDelivery(BaseDelivery):
             sender = post.sender
             if post.verp:
                 sender = verp.encode(post.sender, recipient.address, verp_format)
-            message = post.personal_template.render(recipient) if personal else post.wire_message
-            # Only a copy that is the bulk copy (a footer without member data, no one-click
-            # link) and an address VERP can encode; one not ASCII stays alone, as in bulk.
-            if (
-                self._xverp
-                and sender != post.sender
-                and recipient.address.isascii()
-                and message == post.bulk_message
-            ):
+            # An address VERP can encode; one not ASCII goes alone, as in bulk delivery.
+            if self._xverp and sender != post.sender and recipient.address.isascii():
                 together.append(recipient.address)
                 continue
+            message = post.personal_template.render(recipient) if personal else post.wire_message
             yield Transaction(sender, [recipient.address], message)
         for chunk in chunkify(together, self.config["MAX_RECIPIENTS"]):
             yield Transaction(post.sender, chunk, post.bulk_message, xverp=True)
