@@ -339,7 +339,7 @@ class OutgoingRunner:
         refusals: list[tuple[str, int | None, str]] = []
         post_failure = None
         ended = False
-        for batch, last in self._open_recipients(row, module.batch_size, known):
+        for batch, last in self._open_recipients(row, module.batch_size_for(post), known):
             recipients = self._addressees(mlist, batch, individual)
             verdicts = judge(module.deliver(post, recipients, stop=lease.lost))
             tally["transactions"] += verdicts.transactions

@@ -80,6 +80,10 @@ class BaseDelivery:
         """How many recipients the runner hands over between two checkpoints (``None``: all)."""
         return self.config["CHECKPOINT_EVERY"]
 
+    def batch_size_for(self, post: Post) -> int | None:
+        """:attr:`batch_size` for this post (a module may send some posts in bigger transactions)."""
+        return self.batch_size
+
     def deliver(
         self,
         post: Post,
