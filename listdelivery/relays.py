@@ -185,14 +185,6 @@ def relays_from(config: Mapping[str, Any]) -> list[Relay]:
     return relays
 
 
-def for_list(relays: list[Relay], config: Mapping[str, Any], list_address: str) -> list[Relay]:
-    """The relays a list may use: those ``LIST_RELAYS`` names for it, else all."""
-    names = config["LIST_RELAYS"].get(list_address.lower())
-    if not names:
-        return relays
-    return [relay for relay in relays if relay.name in names]
-
-
 def describe_setting(value: Any) -> str:
     """``RELAYS`` for the dashboard: names, hosts and limits, never a password."""
     try:

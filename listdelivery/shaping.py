@@ -25,7 +25,6 @@ import random
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .destinations import Group, Router, groups_from
@@ -58,14 +57,6 @@ SLOW_DOWN_PAUSE = 0.5
 CONNECTION_PAUSE = 1.0
 #: Seconds between two reads of whether a relay rests.
 HEALTH_CHECK_EVERY = 1.0
-
-
-@dataclass(frozen=True)
-class Admission:
-    """May a transaction go now: through ``relay``, or after ``wait`` seconds (then nothing taken)."""
-
-    relay: Relay | None
-    wait: float = 0.0
 
 
 class Shaper:
@@ -103,7 +94,9 @@ class Shaper:
 
     def thread_done(self) -> None:
         """A pool thread ends its work: let go of its database connection, if the store used one."""
-        if self._store is not None and type(self._store).__name__ == "DatabaseStore":
+        from .limits import DatabaseStore
+
+        if isinstance(self._store, DatabaseStore):
             from django.db import connection
 
             connection.close()

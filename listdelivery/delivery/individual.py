@@ -49,6 +49,8 @@ def one_copy_for_all(post: Post) -> bool:
 class IndividualDelivery(BaseDelivery):
     #: Whether the post being delivered may go with XVERP; decided in :meth:`deliver`.
     _xverp = False
+    #: The last post asked about and the answer: asked once per post, not once per batch.
+    _decided: tuple[Post, bool] | None = None
 
     def deliver(
         self,
@@ -63,13 +65,16 @@ class IndividualDelivery(BaseDelivery):
     def may_use_xverp(self, post: Post) -> bool:
         """The setting allows it, the post is VERP'd, its copy is the same for everyone,
         VERP_FORMAT is XVERP's, and the server offers XVERP (asked last: it may open a session)."""
-        return bool(
-            self.config["XVERP"]
-            and post.verp
-            and written_by_xverp(self.config["VERP_FORMAT"])
-            and one_copy_for_all(post)
-            and self.pool.offers("xverp", post.relays)
-        )
+        if not (self.config["XVERP"] and post.verp):
+            return False
+        if self._decided is None or self._decided[0] is not post:
+            self._decided = (
+                post,
+                written_by_xverp(self.config["VERP_FORMAT"])
+                and one_copy_for_all(post)
+                and self.pool.offers("xverp", post.relays),
+            )
+        return self._decided[1]
 
     def batch_size_for(self, post: Post) -> int | None:
         """Recipients between two checkpoints of ``post``: ``CHECKPOINT_EVERY`` transactions,
