@@ -9,6 +9,7 @@ in step with the recipients, in the same transaction.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,12 +18,13 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
 from .models import DeliveryHour, OutgoingMessage, OutgoingRecipient
 
+logger = logging.getLogger(__name__)
 RStatus = OutgoingRecipient.Status
 COUNTED = (RStatus.SENT, RStatus.DEFERRED, RStatus.BOUNCED, RStatus.FAILED)
 COUNT_FIELDS = {status: f"{status}_count" for status in COUNTED}
@@ -121,9 +123,21 @@ def hour_of(moment: datetime) -> datetime:
 
 
 def add_to_hour(list_id: str, sent: int = 0, bounced: int = 0, failed: int = 0) -> None:
-    """Add answers to this hour's totals for the list, inside the caller's transaction."""
+    """Add answers to this hour's totals for the list, inside the caller's transaction.
+
+    The totals are worth less than the recipients written beside them: a failed write
+    (a full disk) is logged, and the caller's transaction goes on.
+    """
     if not (sent or bounced or failed):
         return
+    try:
+        with transaction.atomic():
+            _add_to_hour(list_id, sent, bounced, failed)
+    except DatabaseError as error:
+        logger.error("Could not add to the hourly totals of %s: %s", list_id, error)
+
+
+def _add_to_hour(list_id: str, sent: int, bounced: int, failed: int) -> None:
     hour = hour_of(timezone.now())
     row = DeliveryHour.objects.filter(hour=hour, list_id=list_id)
     increments = {"sent": F("sent") + sent, "bounced": F("bounced") + bounced}
@@ -135,5 +149,6 @@ def add_to_hour(list_id: str, sent: int = 0, bounced: int = 0, failed: int = 0) 
             DeliveryHour.objects.create(
                 hour=hour, list_id=list_id, sent=sent, bounced=bounced, failed=failed
             )
-    except IntegrityError:  # another runner made the hour's row first
-        row.update(**increments)
+    except IntegrityError:  # another runner made the hour's row first, or the write failed
+        if not row.update(**increments):
+            raise

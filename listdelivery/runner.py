@@ -731,9 +731,26 @@ class OutgoingRunner:
         return True
 
     def _record_attempt(self, row: OutgoingMessage, outcome: str, reason: str) -> None:
-        """One row of the post's attempt history (inside the caller's transaction)."""
+        """One row of the post's attempt history (inside the caller's transaction).
+
+        History is worth less than the post's status: a failed write is logged, not raised.
+        """
         tracked = self._progress
         tally = tracked.tally if tracked else {}
+        try:
+            with transaction.atomic():
+                self._create_attempt(row, outcome, reason, tracked, tally)
+        except DatabaseError as error:
+            logger.error("Could not record the attempt on %s: %s", _label(row), error)
+
+    def _create_attempt(
+        self,
+        row: OutgoingMessage,
+        outcome: str,
+        reason: str,
+        tracked: Progress | None,
+        tally: dict[str, int],
+    ) -> None:
         DeliveryAttempt.objects.create(
             message_id=row.pk,
             number=row.attempts,

@@ -425,3 +425,19 @@ def test_a_member_written_in_another_case_gets_their_own_one_click_link(
     assert url.startswith("https://lists.example.com/lists/unsubscribe/")
     token = url.rstrip("/").rsplit("/", 1)[1]
     assert read_token(token) == (mlist.pk, Member.objects.get(address="bperson@example.com").pk)
+
+
+@pytest.mark.parametrize("table", ["listdelivery_deliveryhour", "listdelivery_deliveryattempt"])
+def test_when_the_books_cannot_be_written_the_post_is_still_delivered_once(
+    deliver_to, smtpd, mlist, first_post, table, caplog
+):
+    # The hourly totals and the attempt history are books kept beside the recipients:
+    # when they cannot be written, the post is still delivered once and says so.
+    row = queue_post(mlist, first_post)
+    with failing_inserts(table), caplog.at_level(logging.ERROR):
+        run()
+    row.refresh_from_db()
+    assert (row.status, set(statuses(row).values())) == (Status.DELIVERED, {RStatus.SENT})
+    assert smtpd.recipients_count() == dict.fromkeys(THREE, 1)
+    assert "no space left on device" in caplog.text
+    assert run().posts == 0
