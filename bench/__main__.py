@@ -1,7 +1,7 @@
-"""``python -m bench``: see :mod:`bench.benchmark`."""
+"""``python -m bench``: see :mod:`bench.cli`."""
 
 import sys
 
-from bench.benchmark import main
+from bench.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Traffic shaping at the sink: how close to the limits' own minimum a post finishes.
+"""Shaped: traffic shaping at the sink, how close to the limits' own minimum a post finishes.
 
 Part of ``python -m bench`` (``--only shaped`` for this alone). Three runs, each against an
 in-process :class:`~listdelivery.testing.SMTPTestServer` (it notes when each message
@@ -14,7 +14,8 @@ benchmark's database, every listdelivery table emptied before each run:
 - **rate too high**: a sink that takes 200 messages a second (SES's ``454 Throttling
   failure`` above), ``SMTP_RATE`` 300/s, one personalized post to 3,000 members (1,000 with
   ``--quick``) and two runner processes (``manage.py deliver_pending``), as issue 13's
-  figure has it (the post is sent by the one that claims it): the time from the first
+  figure has it (:mod:`bench.workers`; the post is sent by the one that claims it, or by both
+  where the post is split into shards): the time from the first
   message to the last against the 15 s the sink allows, the share of transactions refused
   as too fast, and the recipients deferred to a retry (there should be none).
 - **rate right**: ``SMTP_RATE`` 200/s, a sink without a limit, two posts of half as many
@@ -28,23 +29,16 @@ mean of at least 180/s).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from typing import Any
 
-from bench.benchmark import (
-    PERSONAL_FOOTER,
-    REPO_ROOT,
-    UNSUBSCRIBE_BASE_URL,
-    CorrectnessError,
-    enqueue,
-    flush_tables,
-    member_name,
-)
+from bench.checks import CorrectnessError
+from bench.context import Bench
+from bench.database import flush_tables
+from bench.lists import PERSONAL_FOOTER, PERSONALIZED_SETTINGS, enqueue, member_name
+from bench.report import Outcome, Row, single_row
+from bench.workers import Workers, environment
 
 FULL_MEMBERS = 1_000
 QUICK_MEMBERS = 200
@@ -71,16 +65,86 @@ TARGET_PEAK_SECOND = 210
 TARGET_MEAN_RATE = 180
 
 
-def run(members: int, rate_members: int, progress: Any = print) -> dict[str, Any]:
-    """The three runs; their figures, with whether each of issue 13's targets is met."""
+def once(bench: Bench) -> Outcome:
+    """The three runs; their rows, figures and lines, with whether issue 13's targets are met."""
+    members = bench.size(bench.options.shaped_members, QUICK_MEMBERS, FULL_MEMBERS)
+    rate_members = QUICK_RATE_MEMBERS if bench.options.quick else FULL_RATE_MEMBERS
     try:
-        return {
-            "mix": run_mix(members, progress),
-            "rate_too_high": run_rate_too_high(rate_members, progress),
-            "rate_right": run_rate_right(rate_members, progress),
+        details = {
+            "mix": run_mix(members, bench.progress),
+            "rate_too_high": run_rate_too_high(bench.scratch, rate_members, bench.progress),
+            "rate_right": run_rate_right(bench.scratch, rate_members, bench.progress),
         }
     finally:
         flush_tables()
+    return Outcome(rows=rows(details), details=details, lines=lines(details))
+
+
+def rows(shaped: dict[str, Any]) -> list[Row]:
+    mix, high, right = shaped["mix"], shaped["rate_too_high"], shaped["rate_right"]
+    return [
+        shaped_row(
+            "shaped: destination mix, 1 process",
+            mix,
+            note=f"{mix['ratio']}x the {mix['least_seconds']} s the limits allow; the test "
+            "server runs in this process: its CPU is in the client's",
+        ),
+        shaped_row(
+            f"shaped: SMTP_RATE {high['smtp_rate']} > sink's, {high['processes']} proc",
+            high,
+            target=high["target"],
+            met=f"{'yes' if high['met'] else 'NO'} ({high['ratio']}x, "
+            f"{high['throttled_share']:.1%} throttled, {high['deferred']} deferred)",
+        ),
+        shaped_row(
+            f"shaped: SMTP_RATE {right['smtp_rate']}, {right['processes']} proc",
+            right,
+            target=right["target"],
+            met=f"{'yes' if right['met'] else 'NO'} (busiest second {right['busiest_second']}, "
+            f"mean {right['mean_rate']}/s)",
+        ),
+    ]
+
+
+def shaped_row(label: str, figures: dict[str, Any], **fields: Any) -> Row:
+    """Times set by the limits, not the machine: no ratio to the baseline."""
+    members = figures["members"]
+    return single_row(
+        label,
+        members,
+        figures["seconds"],
+        members,
+        members,
+        figures["client_cpu"],
+        figures["sink_cpu"],
+        against_baseline=False,
+        **fields,
+    )
+
+
+def lines(shaped: dict[str, Any]) -> list[str]:
+    mix, high, right = shaped["mix"], shaped["rate_too_high"], shaped["rate_right"]
+    groups = ", ".join(
+        f"{name} {group['members']:,} by {group['last_seconds']} s"
+        + (f" (least {group['least_seconds']} s)" if group["least_seconds"] else "")
+        for name, group in mix["groups"].items()
+    )
+    return [
+        f"shaped, destination mix of {mix['members']:,} members with the shipped pack, 1 process: "
+        f"last recipient after {mix['seconds']} s, {mix['ratio']}x the least the limits allow "
+        f"({mix['least_seconds']} s)",
+        f"  {groups}",
+        f"shaped, SMTP_RATE {high['smtp_rate']} at a sink taking {high['sink_rate']}/s, "
+        f"{high['members']:,} members, {high['processes']} processes: {high['seconds']} s "
+        f"({high['ratio']}x the {high['least_seconds']} s the sink allows), "
+        f"{high['throttled_share']:.1%} throttled ({high['throttled']}); target "
+        f"{high['target']}: {'yes' if high['met'] else 'NO'}"
+        + (f" ({high['deferred']} recipient(s) deferred to a retry)" if high["deferred"] else ""),
+        f"shaped, SMTP_RATE {right['smtp_rate']}, {right['members']:,} members in 2 posts, "
+        f"{right['processes']} processes: busiest second {right['busiest_second']}, mean "
+        f"{right['mean_rate']}/s; target {right['target']}: {'yes' if right['met'] else 'NO'}"
+        + ("" if right["processes_sent_together"] else " (the processes did not overlap)"),
+    ]
 
 
 # -- the destination mix, one runner in this process -------------------------------------
@@ -115,15 +179,15 @@ def run_mix(members: int, progress: Any) -> dict[str, Any]:
             "SMTP_CONNECTIONS": MIX_CONNECTIONS,
             "DESTINATION_PACK": True,
             "RATE_LIMIT_STORAGE": "database",
-            "VERP_PERSONALIZED_DELIVERIES": True,
-            "UNSUBSCRIBE_BASE_URL": UNSUBSCRIBE_BASE_URL,
             "ENQUEUE_TASKS": False,
+            **PERSONALIZED_SETTINGS,
         }
         with override_settings(LISTDELIVERY=config):
             enqueue(mlist, 1)
-            began = time.monotonic()
+            began, cpu = time.monotonic(), time.process_time()
             OutgoingRunner().run()
             runner_seconds = time.monotonic() - began
+            cpu = time.process_time() - cpu
         messages = sink.messages
     what = f"shaped mix, {members} members"
     check_one_copy_each(messages, addresses, what)
@@ -142,6 +206,8 @@ def run_mix(members: int, progress: Any) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "ratio": round(seconds / least, 3),
         "runner_seconds": round(runner_seconds, 2),
+        "client_cpu": cpu,
+        "sink_cpu": None,
         "groups": {
             name: {
                 "members": count,
@@ -183,7 +249,7 @@ def least_seconds(router: Any, addresses: list[str]) -> dict[str, tuple[int, flo
 # -- SMTP_RATE against a sink's own limit, two runner processes ------------------------------
 
 
-def run_rate_too_high(members: int, progress: Any) -> dict[str, Any]:
+def run_rate_too_high(scratch: Any, members: int, progress: Any) -> dict[str, Any]:
     from listdelivery.testing import SMTPTestServer
 
     flush_tables()
@@ -192,7 +258,7 @@ def run_rate_too_high(members: int, progress: Any) -> dict[str, Any]:
     least = members / SINK_RATE
     with SMTPTestServer() as sink:
         sink.rate_limit = SINK_RATE
-        wall = run_runners(sink, SMTP_RATE=RATE_TOO_HIGH)
+        wall, client_cpu, sink_cpu = run_runners(scratch, sink, SMTP_RATE=RATE_TOO_HIGH)
         messages, throttled = sink.messages, sink.throttled
     what = f"shaped, RATE {RATE_TOO_HIGH} at a sink taking {SINK_RATE}/s"
     # Throttled recipients should never be failures; those that were are a target missed
@@ -213,6 +279,8 @@ def run_rate_too_high(members: int, progress: Any) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "ratio": round(seconds / least, 3),
         "wall_seconds": round(wall, 2),
+        "client_cpu": client_cpu,
+        "sink_cpu": sink_cpu,
         "throttled": throttled,
         "throttled_share": round(share, 4),
         "deferred": len(deferred),
@@ -232,7 +300,7 @@ def run_rate_too_high(members: int, progress: Any) -> dict[str, Any]:
     return result
 
 
-def run_rate_right(members: int, progress: Any) -> dict[str, Any]:
+def run_rate_right(scratch: Any, members: int, progress: Any) -> dict[str, Any]:
     from listdelivery.testing import SMTPTestServer
 
     flush_tables()
@@ -243,7 +311,7 @@ def run_rate_right(members: int, progress: Any) -> dict[str, Any]:
     for name, addresses in halves.items():
         queue_post(f"{name}@bench.example.org", addresses)
     with SMTPTestServer() as sink:
-        wall = run_runners(sink, SMTP_RATE=RATE_RIGHT)
+        wall, client_cpu, sink_cpu = run_runners(scratch, sink, SMTP_RATE=RATE_RIGHT)
         messages = sink.messages
         peak, mean = sink.max_in_window(1.0), sink.mean_rate()
     what = f"shaped, RATE {RATE_RIGHT}, two posts"
@@ -264,6 +332,8 @@ def run_rate_right(members: int, progress: Any) -> dict[str, Any]:
         "mean_rate": round(mean, 1),
         "seconds": round(messages[-1].received_at - messages[0].received_at, 2),
         "wall_seconds": round(wall, 2),
+        "client_cpu": client_cpu,
+        "sink_cpu": sink_cpu,
         "processes_sent_together": together,
         "target": f"busiest second <={TARGET_PEAK_SECOND}, mean >={TARGET_MEAN_RATE}/s",
         "met": peak <= TARGET_PEAK_SECOND and mean >= TARGET_MEAN_RATE,
@@ -276,39 +346,36 @@ def run_rate_right(members: int, progress: Any) -> dict[str, Any]:
     return result
 
 
-def run_runners(sink: Any, **settings: str) -> float:
-    """``RUNNER_PROCESSES`` runs of ``manage.py deliver_pending`` at once; seconds until all end."""
-    environment = {
-        **os.environ,  # DATABASE_URL and CACHE_DIR: the benchmark's
-        "LOG_LEVEL": "WARNING",
-        "LISTDELIVERY_SMTP_HOST": sink.host,
-        "LISTDELIVERY_SMTP_PORT": str(sink.port),
-        "LISTDELIVERY_SMTP_CONNECTIONS": str(RUNNER_CONNECTIONS),
-        "LISTDELIVERY_CHECKPOINT_EVERY": "50",
-        "LISTDELIVERY_CLAIM_BATCH": "1",  # else the first runner takes both posts of a run
-        "LISTDELIVERY_RATE_LIMIT_STORAGE": "database",
-        "LISTDELIVERY_VERP_PERSONALIZED_DELIVERIES": "true",
-        "LISTDELIVERY_UNSUBSCRIBE_BASE_URL": UNSUBSCRIBE_BASE_URL,
-        "LISTDELIVERY_ENQUEUE_TASKS": "false",
-        **{f"LISTDELIVERY_{key}": value for key, value in settings.items()},
-    }
-    command = [sys.executable, "manage.py", "deliver_pending", "--verbosity", "0"]
-    began = time.monotonic()
-    runners = []
-    for _ in range(RUNNER_PROCESSES):
-        # Their output goes to files: a full pipe would stop a runner while we wait on another.
-        output = tempfile.TemporaryFile()
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT
-        )
-        runners.append((process, output))
-    for process, output in runners:
-        process.wait()
-        if process.returncode != 0:
-            output.seek(0)
-            said = output.read().decode(errors="replace")[-3000:]
-            raise CorrectnessError(f"a runner ended with status {process.returncode}:\n{said}")
-    return time.monotonic() - began
+def run_runners(scratch: Any, sink: Any, **settings: str) -> tuple[float, float, float]:
+    """``RUNNER_PROCESSES`` runner processes at once: the seconds until all ended, the CPU
+    seconds of their delivery and of this process (where the test server runs) meanwhile."""
+    workers = Workers(
+        RUNNER_PROCESSES,
+        environment(
+            scratch,
+            {
+                "SMTP_HOST": sink.host,
+                "SMTP_PORT": sink.port,
+                "SMTP_CONNECTIONS": RUNNER_CONNECTIONS,
+                "CHECKPOINT_EVERY": 50,
+                "CLAIM_BATCH": 1,  # else the first runner takes both posts of a run
+                "RATE_LIMIT_STORAGE": "database",
+                "ENQUEUE_TASKS": False,
+                **PERSONALIZED_SETTINGS,
+                **settings,
+            },
+        ),
+    )
+    began, cpu = time.monotonic(), time.process_time()
+    try:
+        reports = workers.go()
+    finally:
+        workers.kill()
+    return (
+        time.monotonic() - began,
+        sum(report["cpu_seconds"] for report in reports),
+        time.process_time() - cpu,
+    )
 
 
 # -- lists, posts and checks ---------------------------------------------------------------
