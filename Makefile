@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create the virtualenv, migrate SQLite, deliver the seed's post to a local SMTP server
 #   make test   create the virtualenv and run the test suite (SQLite; no other service needed)
-#   make bench  the benchmark, python -m bench (BENCH_ARGS=--quick for a few seconds)
+#   make bench  the benchmark, python -m bench (BENCH_ARGS=--quick for CI's size, about a minute)
 #   make host-site  build the wheel and run the host-site test (.ci/host-site)
 
 PYTHON ?= python3
