@@ -10,6 +10,7 @@ whatever its size.
 from __future__ import annotations
 
 import email
+from collections.abc import Callable
 from datetime import timedelta
 from email.message import Message
 from typing import Any
@@ -40,7 +41,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import conf, dashboard, lease, progress, rules, signals, tasks
+from . import conf, dashboard, lease, progress, rules, shards, signals, tasks
 from .admin_filters import DisabledFilter, HealthFilter, ProblemFilter
 from .models import (
     BounceEvent,
@@ -88,85 +89,97 @@ def retry_posts(queryset: QuerySet[OutgoingMessage]) -> int:
     A post a runner is delivering right now (a live lease) is left alone. A
     failed post's recipients that failed for a temporary reason are queued
     again; bounced ones and invalid addresses stay as they are. The retry
-    period starts again.
+    period starts again. A sharded post's shards are retried with it.
     """
     now = timezone.now()
-    posts = OutgoingMessage.objects.filter(
-        lease.free(),
-        pk__in=queryset.values("pk"),
-        status__in=RETRYABLE,
-    )
     with transaction.atomic():
-        OutgoingRecipient.objects.filter(
-            message__in=posts.filter(status=Status.FAILED),
-            status__in=(RStatus.FAILED, RStatus.DEFERRED),
-        ).exclude(status=RStatus.FAILED, smtp_message__startswith="invalid address").update(
-            status=RStatus.PENDING, finished_at=None
+        posts = OutgoingMessage.objects.filter(
+            lease.free(), pk__in=queryset.values("pk"), status__in=RETRYABLE
         )
-        progress.recount(posts.filter(status=Status.FAILED))
-        return lease.release(
-            posts,
-            status=Case(
+        rows = shards.family(list(posts.values_list("pk", flat=True)))
+        rows = rows.filter(lease.free(), status__in=RETRYABLE)
+        failed = list(rows.filter(status=Status.FAILED))
+        for row in failed:
+            row.recipient_rows().filter(status__in=(RStatus.FAILED, RStatus.DEFERRED)).exclude(
+                status=RStatus.FAILED, smtp_message__startswith="invalid address"
+            ).update(status=RStatus.PENDING, finished_at=None)
+        progress.recount([row.pk for row in failed])
+        fields = {
+            "status": Case(
                 When(status=Status.QUEUED, then=Value(Status.QUEUED)), default=Value(Status.RETRY)
             ),
-            next_attempt_at=now,
-            deliver_until=None,
-            last_failure_count=0,
-            unexpected_errors=0,
-            finished_at=None,
-            updated_at=now,
-        )
+            "next_attempt_at": now,
+            "deliver_until": None,
+            "last_failure_count": 0,
+            "unexpected_errors": 0,
+            "finished_at": None,
+            "updated_at": now,
+        }
+        return _change_family(rows, lambda chosen: lease.release(chosen, **fields))
 
 
 def pause_posts(queryset: QuerySet[OutgoingMessage]) -> int:
-    """Pause the chosen waiting posts; returns how many were paused.
+    """Pause the chosen waiting posts (and their shards); returns how many were paused.
 
     A runner delivering one stops within about a second (its heartbeat reads
     the row), after the transaction in flight; recipients it has not reached
     stay open, so :func:`resume_posts` goes on exactly where it stopped. A
     paused post is never claimed, swept or given up.
     """
-    posts = OutgoingMessage.objects.filter(
-        pk__in=queryset.values("pk"), status__in=OutgoingMessage.WAITING
-    )
-    return lease.release(posts, status=Status.PAUSED, updated_at=timezone.now())
+    with transaction.atomic():
+        rows = shards.family(queryset).filter(status__in=OutgoingMessage.WAITING)
+        return _change_family(
+            rows,
+            lambda chosen: lease.release(chosen, status=Status.PAUSED, updated_at=timezone.now()),
+        )
 
 
 def resume_posts(queryset: QuerySet[OutgoingMessage]) -> int:
     """Make the chosen paused posts due now, with a fresh retry period; returns how many."""
     now = timezone.now()
-    posts = OutgoingMessage.objects.filter(pk__in=queryset.values("pk"), status=Status.PAUSED)
-    changed = posts.update(
-        status=Case(When(attempts=0, then=Value(Status.QUEUED)), default=Value(Status.RETRY)),
-        next_attempt_at=now,
-        deliver_until=None,
-        updated_at=now,
-    )
+    fields = {
+        "status": Case(When(attempts=0, then=Value(Status.QUEUED)), default=Value(Status.RETRY)),
+        "next_attempt_at": now,
+        "deliver_until": None,
+        "updated_at": now,
+    }
+    with transaction.atomic():
+        rows = shards.family(queryset).filter(status=Status.PAUSED)
+        runners = rows.filter(parent__isnull=False).count() or 1
+        changed = _change_family(rows, lambda chosen: chosen.update(**fields))
     if changed:
-        transaction.on_commit(tasks.enqueue_delivery, robust=True)
+
+        def enqueue_delivery() -> None:
+            tasks.enqueue_delivery(runners=runners)
+
+        transaction.on_commit(enqueue_delivery, robust=True)
     return changed
 
 
 def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
-    """Stop delivering the chosen waiting posts; returns how many were discarded.
+    """Stop delivering the chosen waiting posts (and their shards); returns how many.
 
     A runner delivering one of them loses its lease and stops before its next
     transaction; one whose claim holds it but has not started it never starts it.
     """
     now = timezone.now()
     reason = f"discarded by {by}"
-    posts = OutgoingMessage.objects.filter(
-        pk__in=queryset.values("pk"), status__in=(*OutgoingMessage.WAITING, Status.PAUSED)
-    )
+    open_statuses = (*OutgoingMessage.WAITING, Status.PAUSED)
     with transaction.atomic():
+        posts = OutgoingMessage.objects.filter(
+            pk__in=queryset.values("pk"), status__in=open_statuses, parent=None
+        )
         chosen = list(posts.select_for_update(of=("self",)).select_related("mailing_list"))
-        posts = posts.filter(pk__in=[post.pk for post in chosen])
+        rows = shards.family([post.pk for post in chosen]).filter(status__in=open_statuses)
         OutgoingRecipient.objects.filter(
-            message__in=posts, status__in=OutgoingRecipient.OPEN
+            message__in=[post.pk for post in chosen], status__in=OutgoingRecipient.OPEN
         ).update(status=RStatus.FAILED, smtp_message=reason, finished_at=now)
-        progress.recount([post.pk for post in chosen])
-        count = lease.release(
-            posts, status=Status.DISCARDED, last_error=reason, finished_at=now, updated_at=now
+        progress.recount(list(rows.values_list("pk", flat=True)))
+        count = _change_family(
+            rows,
+            lambda chosen: lease.release(
+                chosen, status=Status.DISCARDED, last_error=reason, finished_at=now, updated_at=now
+            ),
         )
         for post in chosen:
             post.status, post.last_error = Status.DISCARDED, reason
@@ -178,6 +191,22 @@ def discard_posts(queryset: QuerySet[OutgoingMessage], by: str) -> int:
                 reason=reason,
             )
         return count
+
+
+def _change_family(
+    rows: QuerySet[OutgoingMessage], change: Callable[[QuerySet[OutgoingMessage]], int]
+) -> int:
+    """Apply ``change`` to the shards among ``rows``, then to the posts; how many posts changed.
+
+    Shards before posts, in the order a runner's checkpoint locks them, and then
+    each sharded post is rolled up from its shards again.
+    """
+    parents = set(rows.filter(parent__isnull=False).values_list("parent_id", flat=True))
+    change(rows.filter(parent__isnull=False))
+    count = change(rows.filter(parent__isnull=True))
+    for parent in sorted(parents):
+        shards.rollup(parent)
+    return count
 
 
 # -- reading a post --------------------------------------------------------------
@@ -312,6 +341,8 @@ def runner_finishing(post: OutgoingMessage, attempts: list[DeliveryAttempt] | No
     transaction in flight. After a lease's length it has stopped in any case.
     """
     if post.status not in (Status.PAUSED, Status.DISCARDED) or post.sending_since is None:
+        return False
+    if post.shard_count:  # its shards' runners record their attempts one by one
         return False
     if post.updated_at < timezone.now() - _config()["LEASE_DURATION"]:
         return False
@@ -458,13 +489,18 @@ class MailingListAdmin(admin.ModelAdmin):
             super()
             .get_queryset(request)
             .annotate(
-                queued_count=_count(OutgoingMessage, "mailing_list", status=Status.QUEUED),
+                queued_count=_count(
+                    OutgoingMessage, "mailing_list", status=Status.QUEUED, parent=None
+                ),
                 retrying_count=_count(
                     OutgoingMessage,
                     "mailing_list",
                     status__in=(Status.RETRY, Status.HELD, Status.PAUSED),
+                    parent=None,
                 ),
-                failed_count=_count(OutgoingMessage, "mailing_list", status=Status.FAILED),
+                failed_count=_count(
+                    OutgoingMessage, "mailing_list", status=Status.FAILED, parent=None
+                ),
             )
         )
 
@@ -500,13 +536,13 @@ class MailingListAdmin(admin.ModelAdmin):
 
     @admin.action(permissions=["change"], description=_("Pause delivery of their posts"))
     def pause(self, request: HttpRequest, queryset: QuerySet[MailingList]) -> None:
-        posts = OutgoingMessage.objects.filter(mailing_list__in=queryset)
+        posts = OutgoingMessage.objects.posts().filter(mailing_list__in=queryset)
         chosen = posts.filter(status__in=OutgoingMessage.WAITING).count()
         _report(self, request, chosen, pause_posts(posts), "paused")
 
     @admin.action(permissions=["change"], description=_("Resume delivery of their posts"))
     def resume(self, request: HttpRequest, queryset: QuerySet[MailingList]) -> None:
-        posts = OutgoingMessage.objects.filter(mailing_list__in=queryset)
+        posts = OutgoingMessage.objects.posts().filter(mailing_list__in=queryset)
         chosen = posts.filter(status=Status.PAUSED).count()
         _report(self, request, chosen, resume_posts(posts), "resumed")
 
@@ -748,7 +784,7 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
     readonly_fields = flatten_fieldsets(fieldsets)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OutgoingMessage]:
-        return super().get_queryset(request).defer("message")
+        return super().get_queryset(request).posts().defer("message")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -870,16 +906,29 @@ class OutgoingMessageAdmin(admin.ModelAdmin):
         obj: OutgoingMessage | None = None,
     ) -> HttpResponse:
         if obj is not None:
-            attempts = list(obj.attempt_log.order_by("started_at", "id"))
+            pieces = list(obj.shards.order_by("id")) if obj.shard_count else []
+            number = {piece.pk: index for index, piece in enumerate(pieces, 1)}
+            attempts = list(
+                DeliveryAttempt.objects.filter(Q(message=obj) | Q(message__parent=obj)).order_by(
+                    "started_at", "id"
+                )
+            )
             for attempt in attempts:
                 took = (attempt.finished_at - attempt.started_at).total_seconds()
                 attempt.took = dashboard.human_duration(timedelta(seconds=round(took, 1)))
+                attempt.shard = number.get(attempt.message_id)
             story = self.progress_context(request, obj, attempts)
-            running = story["state"] in ("sending", "stopping")
+            if pieces:
+                tried = sum(piece.attempts for piece in pieces)
+                running = sum(piece.status == Status.SENDING for piece in pieces)
+            else:
+                tried, running = obj.attempts, story["state"] in ("sending", "stopping")
             context.update(
                 story,
+                shard_rows=pieces,
+                shard_size=_config()["SHARD_SIZE"],
                 attempt_rows=attempts,
-                unrecorded=max(obj.attempts - len(attempts) - running, 0),
+                unrecorded=max(tried - len(attempts) - running, 0),
                 refusals=refusal_groups(obj),
                 refusal_limit=REFUSAL_GROUPS,
                 verp=verp_decision(obj),

@@ -60,6 +60,9 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_DURATION": timedelta(minutes=5),
     "CHECKPOINT_EVERY": 100,
     "CLAIM_BATCH": 20,
+    # A post to more recipients than this is split into shards that several runners
+    # deliver at the same time; 0: never split.
+    "SHARD_SIZE": 2500,
     # A post whose attempts end in an error of listdelivery itself this many times
     # in a row fails with that error instead of being retried for ever.
     "UNEXPECTED_ERROR_LIMIT": 5,
@@ -120,6 +123,8 @@ DESCRIPTIONS: dict[str, str] = {
     "CHECKPOINT_EVERY": "SMTP transactions between two saves of progress: the most a crash can "
     "send twice.",
     "CLAIM_BATCH": "Posts a runner takes from the queue at once.",
+    "SHARD_SIZE": "A post to more recipients than this is split into shards of this many, which "
+    "several runners (workers, machines) deliver at the same time; 0: never split.",
     "UNEXPECTED_ERROR_LIMIT": "Attempts in a row ending in an error of listdelivery itself before "
     "the post fails with it.",
     "ENQUEUE_TASKS": "Start a django-q2 task as soon as a post is queued.",

@@ -161,7 +161,8 @@ def retry_queue(posts_url: str = "") -> dict[str, Any]:
     in the order of :data:`QUEUE_COLUMNS`.
     """
     by_list = list(
-        OutgoingMessage.objects.filter(status__in=(*OutgoingMessage.WAITING, Status.PAUSED))
+        OutgoingMessage.objects.posts()
+        .filter(status__in=(*OutgoingMessage.WAITING, Status.PAUSED))
         .values("list_id", "mailing_list")
         .annotate(
             total=Count("pk"),
@@ -207,7 +208,8 @@ def _cells(counts: dict[str, Any], posts_url: str, where: dict[str, Any]) -> lis
 def sending_now(limit: int = SENDING_ROWS) -> list[OutgoingMessage]:
     """The posts runners are delivering right now, longest-running first: one query."""
     return list(
-        OutgoingMessage.objects.filter(status=Status.SENDING)
+        OutgoingMessage.objects.posts()
+        .filter(status=Status.SENDING)
         .only(
             "list_id",
             "subject",

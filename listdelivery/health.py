@@ -390,14 +390,18 @@ def report(now: datetime | None = None) -> Health:
     now = now or timezone.now()
     last_pass = _last_pass(now)
     cluster, interval, next_run, catch_up = sweep_state(now)
-    posts = OutgoingMessage.objects.filter(status__in=OutgoingMessage.WAITING).aggregate(
-        due=Count("pk", filter=due_q(now)),
-        overdue=Count("pk", filter=overdue_q(now, interval)),
-        oldest_overdue=Min("next_attempt_at", filter=overdue_q(now, interval)),
-        sending=Count("pk", filter=Q(status=Status.SENDING)),
-        stalled=Count("pk", filter=stalled_q(now)),
-        held=Count("pk", filter=Q(status=Status.HELD)),
-        needs_admin=Count("pk", filter=needs_admin_q()),
+    posts = (
+        OutgoingMessage.objects.posts()
+        .filter(status__in=OutgoingMessage.WAITING)
+        .aggregate(
+            due=Count("pk", filter=due_q(now)),
+            overdue=Count("pk", filter=overdue_q(now, interval)),
+            oldest_overdue=Min("next_attempt_at", filter=overdue_q(now, interval)),
+            sending=Count("pk", filter=Q(status=Status.SENDING)),
+            stalled=Count("pk", filter=stalled_q(now)),
+            held=Count("pk", filter=Q(status=Status.HELD)),
+            needs_admin=Count("pk", filter=needs_admin_q()),
+        )
     )
     disabled = Member.objects.filter(
         delivery_status=DeliveryStatus.BY_BOUNCES, disabled_at__gte=start_of_today(now)
@@ -470,7 +474,8 @@ def _interval(schedule: Any) -> timedelta:
 
 def _problems() -> list[ProblemGroup]:
     rows = (
-        OutgoingMessage.objects.filter(troubled_q())
+        OutgoingMessage.objects.posts()
+        .filter(troubled_q())
         .values("problem")
         .annotate(
             posts=Count("pk"),

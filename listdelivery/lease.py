@@ -33,6 +33,10 @@ Invariants:
 7. A runner that dies leaves its lease to expire; the post is then claimable
    again and at most the batch in flight since its last checkpoint is sent
    again.
+8. The shards of a big post (:mod:`listdelivery.shards`) are claimed, held
+   and ended like posts, one per claim. The post itself is never claimed: its
+   ``leased_until`` only mirrors its shards' (the latest lease of those
+   sending), so that "stalled" reads the same for every post.
 """
 
 from __future__ import annotations
@@ -70,15 +74,25 @@ def free() -> Q:
 
 
 def claim(due: Q, count: int, duration: timedelta) -> Claim:
-    """Lease up to ``count`` rows matching ``due`` (and free) to a new token, oldest due first."""
+    """Lease up to ``count`` rows matching ``due`` (and free) to a new token, oldest due first.
+
+    A sharded post is never claimed, only its shards, and at most one shard per
+    claim: the other runners take the others at the same time.
+    """
     now = timezone.now()
     token = uuid.uuid4().hex
-    claimable = due & (Q(leased_until__isnull=True) | Q(leased_until__lt=now))
+    claimable = due & Q(shard_count=0) & (Q(leased_until__isnull=True) | Q(leased_until__lt=now))
     candidates = OutgoingMessage.objects.filter(claimable).order_by("next_attempt_at", "id")
     with transaction.atomic():
         if connection.features.has_select_for_update_skip_locked:
             candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-        ids = list(candidates.values_list("id", flat=True)[:count])
+        ids, parents = [], []
+        for pk, parent in candidates.values_list("id", "parent_id")[:count]:
+            if parent is not None:
+                if parents:
+                    continue
+                parents.append(parent)
+            ids.append(pk)
         if not ids:
             return Claim(token, [], duration)
         OutgoingMessage.objects.filter(claimable, id__in=ids).update(
@@ -90,9 +104,13 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
             rate=None,
             finish_estimate=None,
         )
+        if parents:  # the post is being delivered as soon as one of its shards is
+            OutgoingMessage.objects.filter(
+                pk__in=parents, status__in=OutgoingMessage.WAITING
+            ).update(status=OutgoingMessage.Status.SENDING, leased_until=now + duration)
     rows = (
         OutgoingMessage.objects.filter(lease_token=token, id__in=ids)
-        .select_related("mailing_list")
+        .select_related("mailing_list", "parent")
         .order_by("next_attempt_at", "id")
     )
     return Claim(token, list(rows), duration)

@@ -68,7 +68,7 @@ class DeliveryCollector:
 
     def posts(self) -> Iterator[Metric]:
         counts = dict(
-            OutgoingMessage.objects.order_by().values_list("status").annotate(n=Count("pk"))
+            OutgoingMessage.objects.posts().order_by().values_list("status").annotate(n=Count("pk"))
         )
         posts = GaugeMetricFamily(
             "listdelivery_posts", "Posts in the queue, by status.", labels=["status"]
@@ -91,7 +91,8 @@ class DeliveryCollector:
             default=F("created_at"),
         )
         rows = (
-            OutgoingMessage.objects.filter(status__in=OPEN)
+            OutgoingMessage.objects.posts()
+            .filter(status__in=OPEN)
             .order_by()
             .values_list("problem")
             .annotate(
@@ -203,8 +204,10 @@ class DeliveryCollector:
             "When a sending post should be finished at its current rate (Unix time).",
             labels=labels,
         )
-        posts = OutgoingMessage.objects.filter(status=Status.SENDING).order_by(
-            F("sending_since").asc(nulls_first=True), "pk"
+        posts = (
+            OutgoingMessage.objects.posts()
+            .filter(status=Status.SENDING)
+            .order_by(F("sending_since").asc(nulls_first=True), "pk")
         )
         fields = ["pk", "list_id", "recipient_count", "deferred_count", "rate", "finish_estimate"]
         fields += ["sent_count", "bounced_count", "failed_count"]
@@ -227,7 +230,8 @@ class DeliveryCollector:
             for i, bound in enumerate(DELIVERY_BUCKETS)
         }
         rows = (
-            OutgoingMessage.objects.filter(status__in=TIMED, finished_at__isnull=False)
+            OutgoingMessage.objects.posts()
+            .filter(status__in=TIMED, finished_at__isnull=False)
             .exclude(metadata__has_key="deliver_after")
             .alias(took=SecondsBetween("finished_at", "created_at"))
             .order_by()

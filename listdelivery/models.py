@@ -186,8 +186,22 @@ class Member(models.Model):
             raise ValidationError({"display_name": _("A name cannot contain line breaks.")})
 
 
+class OutgoingMessageQuerySet(models.QuerySet):
+    def posts(self) -> OutgoingMessageQuerySet:
+        """Posts, without the shards of big posts (a sharded post speaks for its shards)."""
+        return self.filter(parent__isnull=True)
+
+
 class OutgoingMessage(models.Model):
-    """One post waiting for, or done with, delivery: the queue row."""
+    """One post waiting for, or done with, delivery: the queue row.
+
+    A post to more than ``SHARD_SIZE`` recipients is split into shards
+    (:mod:`listdelivery.shards`): rows of this model with a ``parent``, each
+    delivering the post's recipients from ``first_recipient`` to
+    ``last_recipient`` with a lease, checkpoints and retries of its own. The
+    post itself is then never claimed; its status, counters and times are
+    rolled up from its shards'.
+    """
 
     class Status(models.TextChoices):
         QUEUED = "queued", _("Queued")
@@ -255,11 +269,27 @@ class OutgoingMessage(models.Model):
         default=0,
         help_text=_("Attempts that ended in an error of listdelivery itself, in a row."),
     )
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="shards",
+        verbose_name=_("post"),
+        help_text=_("Set on a shard: the post whose recipients it delivers."),
+    )
+    shard_count = models.PositiveIntegerField(
+        _("shards"), default=0, help_text=_("Into how many shards the post was split; 0: none.")
+    )
+    first_recipient = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
+    last_recipient = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     lease_token = models.CharField(max_length=32, blank=True, editable=False)
     leased_until = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(_("queued at"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+
+    objects = OutgoingMessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -274,7 +304,22 @@ class OutgoingMessage(models.Model):
 
     @property
     def raw(self) -> bytes:
+        """The post's bytes (a shard's are its post's, stored once)."""
+        if self.parent_id is not None:
+            return bytes(self.parent.message)
         return bytes(self.message)
+
+    @property
+    def is_shard(self) -> bool:
+        return self.parent_id is not None
+
+    def recipient_rows(self) -> models.QuerySet[OutgoingRecipient]:
+        """The recipients this row delivers: a post's all, a shard's its range of the post's."""
+        if self.parent_id is None:
+            return OutgoingRecipient.objects.filter(message_id=self.pk)
+        return OutgoingRecipient.objects.filter(
+            message_id=self.parent_id, id__gte=self.first_recipient, id__lte=self.last_recipient
+        )
 
     @property
     def pending_count(self) -> int:

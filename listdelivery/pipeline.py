@@ -23,7 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from . import progress, tasks
+from . import conf, progress, shards, tasks
 from .addresses import address_problem, unique_addresses
 from .models import DeliveryStatus, MailingList, Member, OutgoingMessage, OutgoingRecipient
 from .wire import decode_unknown
@@ -90,17 +90,18 @@ def to_outgoing(
             )
             row.recipient_count, row.failed_count = total, invalid
             progress.add_to_hour(row.list_id, failed=invalid)
+            shards.split(row, conf.get_config())
         # A broker that is down must not fail the post: the sweep delivers it.
-        transaction.on_commit(_enqueue_after_commit(row.pk), robust=True)
+        transaction.on_commit(_enqueue_after_commit(row.pk, row.shard_count), robust=True)
     logger.debug("Queued %s for %s", row.message_id or "n/a", mlist.address)
     return row
 
 
-def _enqueue_after_commit(pk: int) -> Callable[[], None]:
+def _enqueue_after_commit(pk: int, shard_count: int = 0) -> Callable[[], None]:
     """A named callback: Django's robust ``on_commit`` logs a failure by the callback's name."""
 
     def enqueue_delivery() -> None:
-        tasks.enqueue_delivery(pk)
+        tasks.enqueue_delivery(pk, runners=shard_count or 1)
 
     return enqueue_delivery
 

@@ -35,14 +35,9 @@ def runner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def count(post: OutgoingMessage | int) -> dict[str, int]:
-    """The post's recipients by status: one aggregate query."""
-    rows = (
-        OutgoingRecipient.objects.filter(message=post)
-        .order_by()
-        .values_list("status")
-        .annotate(n=Count("pk"))
-    )
+def count(post: OutgoingMessage) -> dict[str, int]:
+    """The recipients of the post (or shard) by status: one aggregate query."""
+    rows = post.recipient_rows().order_by().values_list("status").annotate(n=Count("pk"))
     return dict(rows)
 
 
@@ -59,7 +54,11 @@ def recount(posts: Any) -> None:
 
     For an administrator's action, which moves recipients of many posts at once.
     """
-    ids = list(posts.values_list("pk", flat=True)) if hasattr(posts, "values_list") else posts
+    ids = list(posts.values_list("pk", flat=True)) if hasattr(posts, "values_list") else list(posts)
+    shards = OutgoingMessage.objects.filter(pk__in=ids, parent__isnull=False)
+    for shard in shards.only("pk", "parent_id", "first_recipient", "last_recipient"):
+        ids.remove(shard.pk)  # a shard counts a range of its post's recipients
+        OutgoingMessage.objects.filter(pk=shard.pk).update(**count_fields(count(shard)))
     per_post: dict[int, dict[str, int]] = {pk: {} for pk in ids}
     rows = (
         OutgoingRecipient.objects.filter(message__in=ids)

@@ -35,7 +35,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, progress, redact, rules, signals
+from . import conf, progress, redact, rules, shards, signals
 from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
@@ -66,6 +66,7 @@ PREFETCH_LIMIT = 1000  # recipients read at once for all the posts of one claim
 @dataclass
 class RunSummary:
     posts: int = 0
+    shards: int = 0  # of big posts: a post ends (and is counted below) with its last shard
     delivered: int = 0
     retrying: int = 0
     held: int = 0
@@ -78,8 +79,9 @@ class RunSummary:
     seconds: float = 0.0
 
     def __str__(self) -> str:
+        shards = f" and {self.shards} shards of big posts" if self.shards else ""
         return (
-            f"{self.posts} posts ({self.delivered} delivered, {self.retrying} to retry, "
+            f"{self.posts} posts{shards} ({self.delivered} delivered, {self.retrying} to retry, "
             f"{self.held} held, {self.failed} failed, {self.discarded} discarded); "
             f"{self.recipients} recipients accepted, {self.deferred} deferred, "
             f"{self.bounced} bounced; {self.transactions} SMTP transactions in {self.seconds:.2f} s"
@@ -151,16 +153,19 @@ class OutgoingRunner:
                 name: import_string(config[name])(pool, config)
                 for name in ("BULK_DELIVERY", "INDIVIDUAL_DELIVERY")
             }
-            while self.limit is None or summary.posts < self.limit:
+            while self.limit is None or summary.posts + summary.shards < self.limit:
                 wanted = config["CLAIM_BATCH"]
                 if self.limit is not None:
-                    wanted = min(wanted, self.limit - summary.posts)
+                    wanted = min(wanted, self.limit - summary.posts - summary.shards)
                 posts = claim(due, wanted, config["LEASE_DURATION"])
                 if not posts.rows:
                     break
                 known = self._prefetch_recipients(posts.rows)
                 for index, row in enumerate(posts.rows):
-                    summary.posts += 1
+                    if row.is_shard:
+                        summary.shards += 1
+                    else:
+                        summary.posts += 1
                     self._process_safely(
                         posts, index, heartbeat, modules, summary, known.get(row.pk)
                     )
@@ -228,6 +233,8 @@ class OutgoingRunner:
             with transaction.atomic():
                 if outcome != "lost":  # our last checkpoint's counts did not land: count
                     progress.recount([row.pk])
+                    if row.is_shard:
+                        shards.rollup(row.parent_id)
                 self._record_attempt(row, outcome, _STOPPED[outcome])
         except DatabaseError as error:
             logger.warning("Could not record the stopped attempt on %s: %s", _label(row), error)
@@ -391,6 +398,7 @@ class OutgoingRunner:
         one per post. A post the query cut short gets what was read, marked
         incomplete, and pages the rest itself; posts after it page everything.
         """
+        rows = [row for row in rows if not row.is_shard]  # a shard is big: it pages its own
         found = list(
             OutgoingRecipient.objects.filter(message__in=rows, status__in=OutgoingRecipient.OPEN)
             .order_by("message_id", "id")
@@ -433,9 +441,8 @@ class OutgoingRunner:
                 return
         while True:
             page = (
-                OutgoingRecipient.objects.filter(
-                    message=row, status__in=OutgoingRecipient.OPEN, id__gt=cursor
-                )
+                row.recipient_rows()
+                .filter(status__in=OutgoingRecipient.OPEN, id__gt=cursor)
                 .order_by("id")
                 .values_list("id", "address", "status")
             )
@@ -549,6 +556,8 @@ class OutgoingRunner:
                         **tracked.fields(),
                         **unsaved,
                     )
+                    if kept and lease.row.is_shard:
+                        shards.rollup(lease.row.parent_id)
         except DatabaseError:
             with transaction.atomic():
                 progress.add_to_hour(mlist.list_id, sent=_record_sent(sent))
@@ -609,7 +618,7 @@ class OutgoingRunner:
     ) -> None:
         row = lease.row
         counts = dict(
-            OutgoingRecipient.objects.filter(message=row)
+            row.recipient_rows()
             .values_list("status")
             .annotate(n=Count("id"))
             .values_list("status", "n")
@@ -637,11 +646,7 @@ class OutgoingRunner:
         if not still_open:
             if any_sent:
                 return Ending(Status.DELIVERED, fields={"finished_at": timezone.now()})
-            return Ending(
-                Status.FAILED,
-                "no recipient accepted the post",
-                {"finished_at": timezone.now()},
-            )
+            return Ending(Status.FAILED, shards.NOBODY_ACCEPTED, {"finished_at": timezone.now()})
         if post_failure and post_failure.kind == "limited":
             # Not a failure: the post goes on when the limits allow, and this run was no attempt.
             logger.info("Setting %s aside: %s", _label(row), post_failure.reason)
@@ -698,7 +703,7 @@ class OutgoingRunner:
         row = lease.row
         now = timezone.now()
         if ending.give_up:
-            still_open = OutgoingRecipient.objects.filter(message=row)
+            still_open = row.recipient_rows()
             # The deferred keep the server's last reply to them; the others get the reason.
             given_up = still_open.filter(status=RStatus.DEFERRED).update(
                 status=RStatus.FAILED, finished_at=now
@@ -726,9 +731,24 @@ class OutgoingRunner:
             return False
         row.status, row.last_error = ending.status, error
         self._record_attempt(row, ending.status, error)
-        summary.count(ending.status)
-        _announce(row, ending)
+        if row.is_shard:
+            self._end_of_shard(row, summary)
+        else:
+            summary.count(ending.status)
+            _announce(row, ending)
         return True
+
+    def _end_of_shard(self, shard: OutgoingMessage, summary: RunSummary) -> None:
+        """Roll the shard's ending up into its post; the last shard to end ends the post."""
+        before, post = shards.rollup(shard.parent_id)
+        if post is None or post.status == before:
+            return
+        if post.status in (Status.QUEUED, Status.RETRY, Status.SENDING):
+            return  # other shards go on: not news
+        if post.status != Status.PAUSED:
+            summary.count(post.status)
+        fields = {"next_attempt_at": post.next_attempt_at}
+        _announce(post, Ending(post.status, post.last_error, fields))
 
     def _record_attempt(self, row: OutgoingMessage, outcome: str, reason: str) -> None:
         """One row of the post's attempt history (inside the caller's transaction).

@@ -68,8 +68,12 @@ def cluster_name() -> str | None:
     return conf.get("Q_CLUSTER") or None
 
 
-def enqueue_delivery(post_id: int | None = None) -> None:
-    """Ask the cluster to deliver now; called once the post's row is committed."""
+def enqueue_delivery(post_id: int | None = None, runners: int = 1) -> None:
+    """Ask the cluster to deliver now; called once the post's row is committed.
+
+    A post split into shards asks for as many runners as it has shards, up to
+    the cluster's workers, so that they deliver it together.
+    """
     if not tasks_enabled():
         return
     name = f"deliver post {post_id}" if post_id else "deliver due posts"
@@ -80,7 +84,11 @@ def enqueue_delivery(post_id: int | None = None) -> None:
         options = dict(TASK_OPTIONS)
         if Conf.SYNC:  # run here and now: a timeout would take over this process's SIGALRM
             del options["timeout"]
-        async_task(TASK, task_name=name, group="listdelivery", cluster=cluster_name(), **options)
+            runners = 1
+        for _ in range(max(1, min(runners, Conf.WORKERS or 1))):
+            async_task(
+                TASK, task_name=name, group="listdelivery", cluster=cluster_name(), **options
+            )
     except Exception as error:  # the broker is down or misconfigured: the sweep delivers it
         logger.warning(
             "Could not enqueue %r (%s: %s); the every-minute sweep will deliver it",

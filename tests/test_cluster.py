@@ -236,3 +236,34 @@ def test_two_clusters_on_postgresql_and_redis_survive_one_being_killed(smtpd):
     assert duplicates <= bound, (
         f"{duplicates} duplicates, more than one batch per killed worker ({bound})"
     )
+
+
+def test_two_workers_of_one_cluster_deliver_one_big_post_together(settings, smtpd):
+    """Q_WORKERS=2: the post's shards go to both workers, as the tasks queued with it ask."""
+    from listdelivery.models import DeliveryAttempt, Personalization
+
+    from .test_shards import big_list, queue
+
+    settings.LISTDELIVERY = {"SMTP_HOST": smtpd.host, "SMTP_PORT": smtpd.port, "SHARD_SIZE": 1000}
+    environment = cluster_environment(smtpd, SHARD_SIZE=1000)
+    environment["Q_WORKERS"] = "2"
+    cluster = start_cluster(environment)
+    try:
+        post_row = queue(big_list(5000, Personalization.FULL))
+        assert post_row.shard_count == 5
+        assert smtpd.wait_for(5000, timeout=90), "the cluster did not deliver the post"
+        assert wait_until(
+            lambda: OutgoingMessage.objects.filter(
+                pk=post_row.pk, status=OutgoingMessage.Status.DELIVERED
+            ).exists(),
+            30,
+        )
+    finally:
+        code = stop_cluster(cluster)
+    assert code == 0, cluster.stderr.read().decode()
+    counts = Counter(smtpd.recipients_count())
+    assert len(counts) == 5000 and set(counts.values()) == {1}
+    runners = DeliveryAttempt.objects.filter(message__parent=post_row).values_list(
+        "runner", flat=True
+    )
+    assert len(set(runners)) == 2, "one worker found nothing to do"

@@ -37,7 +37,7 @@ class Command(BaseCommand):
             raise CommandError("--limit must be at least 1.")
         if list_address and not MailingList.objects.filter(address__iexact=list_address).exists():
             raise CommandError(f"There is no mailing list {list_address!r}.")
-        due = OutgoingMessage.objects.filter(status__in=OutgoingMessage.WAITING)
+        due = OutgoingMessage.objects.filter(status__in=OutgoingMessage.WAITING, shard_count=0)
         if list_address:
             due = due.filter(mailing_list__address__iexact=list_address)
         waiting = due.count()
