@@ -86,6 +86,7 @@ class Rounds:
             directory = Path(self.bench.options.json).parent
             for name, module in self.scenarios.items():
                 if _has(module, "profiled"):
+                    self.bench.progress(f"profiling {name} (cProfile)")
                     self.profiles[name] = profile(name, module.profiled(self.bench), directory)
         flush_tables()
 
@@ -100,7 +101,9 @@ class Rounds:
         for name, entries in self.timed.items():
             measured = [entry for entry in entries if entry.samples]
             for entry in measured:
-                row = row_from_samples(entry.label, entry.n, entry.samples, config=entry.config)
+                row = row_from_samples(
+                    entry.label, entry.n, entry.samples, config=dict(entry.config)
+                )
                 set_ratio(row, baseline)
                 if entry.judge:
                     entry.judge(row)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 from bench.context import Bench
 from bench.database import flush_tables
@@ -51,18 +52,38 @@ def once_with(bench: Bench, n: int, max_recipients: int, connections: int) -> Sa
 
     flush_tables()
     mlist = create_list(BULK_LIST, Personalization.NONE, n)
-    transactions = expected_transactions(n, max_recipients)
     config = bench.config(SMTP_CONNECTIONS=connections, MAX_RECIPIENTS=max_recipients)
+    transactions = expected_transactions(n, max_recipients, shard_size(config))
     what = f"bulk, {n} members, MAX_RECIPIENTS {max_recipients}, {connections} connections"
     return deliver_one_post(bench, mlist, config, transactions, n, what)
 
 
-def expected_transactions(members: int, max_recipients: int) -> int:
-    """Independently of chunkify: one transaction per ``max_recipients`` per TLD bucket."""
+def shard_size(config: dict[str, Any]) -> int:
+    """The recipients of a shard under ``config``; 0 where listdelivery does not shard posts."""
+    from django.test.utils import override_settings
+
+    from listdelivery import conf
+
+    if "SHARD_SIZE" not in conf.DEFAULTS:
+        return 0
+    with override_settings(LISTDELIVERY=config):
+        return conf.get("SHARD_SIZE")
+
+
+def expected_transactions(members: int, max_recipients: int, shard_size: int = 0) -> int:
+    """Independently of chunkify: one transaction per ``max_recipients`` per TLD bucket, in
+    each shard (consecutive members, ``shard_size`` of them) where the post is split."""
     from listdelivery.delivery.bulk import CHUNKMAP
 
-    buckets = Counter(CHUNKMAP.get(member_address(i).rsplit(".", 1)[1], 0) for i in range(members))
-    return sum(math.ceil(size / max_recipients) for size in buckets.values())
+    size = shard_size if shard_size and members > shard_size else members
+    total = 0
+    for start in range(0, members, size):
+        buckets = Counter(
+            CHUNKMAP.get(member_address(i).rsplit(".", 1)[1], 0)
+            for i in range(start, min(members, start + size))
+        )
+        total += sum(math.ceil(count / max_recipients) for count in buckets.values())
+    return total
 
 
 def warm_up(bench: Bench) -> None:
