@@ -15,6 +15,7 @@ checkpoint cannot be.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from email.utils import getaddresses
 from functools import lru_cache
 from typing import Any
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, transaction
 from django.db.models import Count, F, Q
 from django.db.models.functions import Lower
@@ -40,7 +42,7 @@ from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
 from .delivery import BaseDelivery, Post, Recipient
-from .lease import Claim, Heartbeat, Lease, LeaseLost, claim
+from .lease import Claim, Heartbeat, Lease, LeaseLost, claim, end_all, held_of
 from .models import (
     BounceEvent,
     DeliveryAttempt,
@@ -124,6 +126,57 @@ class Prefetched:
     deferred: set[int] = field(default_factory=set)  # ids of the recipients deferred before
 
 
+@dataclass
+class Entry:
+    """A small post's one batch, sent and waiting in the books to be written with others."""
+
+    lease: Lease
+    mlist: MailingList
+    post: Post
+    batch: dict[str, int]
+    verdicts: Verdicts
+    unsaved: dict[str, Any]
+    ending: Ending
+    progress: Progress | None
+
+
+@dataclass
+class Books:
+    """The results of the small posts of a claim, written in one transaction.
+
+    Written before the post after them would bring more than ``CHECKPOINT_EVERY``
+    transactions (so a crash repeats at most that many, as with a big post's
+    batches), before a post that is not small, at the end of the claim, and
+    when the oldest has waited a third of a lease.
+    """
+
+    entries: list[Entry] = field(default_factory=list)
+    transactions: int = 0
+    since: float = 0.0
+
+    def add(self, entry: Entry) -> None:
+        if not self.entries:
+            self.since = time.monotonic()
+        self.entries.append(entry)
+        self.transactions += entry.verdicts.transactions
+
+    def full_with(self, transactions: int, config: dict[str, Any]) -> bool:
+        return bool(self.entries) and (
+            self.transactions + transactions > config["CHECKPOINT_EVERY"] or self.due(config)
+        )
+
+    def due(self, config: dict[str, Any]) -> bool:
+        waited = time.monotonic() - self.since
+        return bool(self.entries) and (
+            self.transactions >= config["CHECKPOINT_EVERY"]
+            or waited > config["LEASE_DURATION"].total_seconds() / 3
+        )
+
+    def take(self) -> list[Entry]:
+        entries, self.entries, self.transactions = self.entries, [], 0
+        return entries
+
+
 class OutgoingRunner:
     """Process every due row once, in this process, and return a :class:`RunSummary`."""
 
@@ -139,6 +192,7 @@ class OutgoingRunner:
         self.on_post = on_post
         self.name = progress.runner_name()
         self._progress: Progress | None = None  # of the post being delivered
+        self._books = Books()  # small posts' results, written together
 
     def run(self) -> RunSummary:
         self.config = config = conf.get_config()
@@ -166,11 +220,14 @@ class OutgoingRunner:
                         summary.shards += 1
                     else:
                         summary.posts += 1
+                    if self._books.due(self.config):
+                        self._write_books(summary)
                     self._process_safely(
                         posts, index, heartbeat, modules, summary, known.get(row.pk)
                     )
                     if self.on_post:
                         self.on_post(row, summary)
+                self._write_books(summary)
         if summary.bounced:
             score_bounces()
         summary.seconds = time.monotonic() - began
@@ -346,7 +403,13 @@ class OutgoingRunner:
         refusals: list[tuple[str, int | None, str]] = []
         post_failure = None
         ended = False
-        for batch, last in self._open_recipients(row, module.batch_size_for(post), known):
+        batch_size = module.batch_size_for(post)
+        # A post that goes in one batch joins the books written with the claim's others;
+        # before any other, those are written, so that a crash repeats one batch at most.
+        small = known.complete and len(known.recipients) <= (batch_size or len(known.recipients))
+        if not small or self._books.full_with(len(known.recipients), self.config):
+            self._write_books(summary)
+        for batch, last in self._open_recipients(row, batch_size, known):
             recipients = self._addressees(mlist, batch, individual)
             verdicts = judge(module.deliver(post, recipients, stop=lease.lost))
             tally["transactions"] += verdicts.transactions
@@ -362,7 +425,12 @@ class OutgoingRunner:
             ending = (
                 self._ending_from_tally(row, tally, refusals) if last and not post_failure else None
             )
-            self._checkpoint(lease, mlist, post, batch, verdicts, unsaved, ending, summary)
+            if small and ending is not None and not ending.give_up:
+                self._books.add(
+                    Entry(lease, mlist, post, batch, verdicts, unsaved, ending, self._progress)
+                )
+            else:
+                self._checkpoint(lease, mlist, post, batch, verdicts, unsaved, ending, summary)
             unsaved = {}
             if post_failure or last:
                 ended = ending is not None
@@ -530,6 +598,7 @@ class OutgoingRunner:
         Should that transaction fail, the recipients the server accepted are
         recorded on their own before the error goes on: they must never be sent again.
         """
+        self._write_books(summary)
         groups = dict(verdicts.groups)
         sent = [batch[a] for a in groups.pop((RStatus.SENT, None, ""), []) if a in batch]
         answered = Counter()
@@ -751,32 +820,29 @@ class OutgoingRunner:
         _announce(post, Ending(post.status, post.last_error, fields))
 
     def _record_attempt(self, row: OutgoingMessage, outcome: str, reason: str) -> None:
-        """One row of the post's attempt history (inside the caller's transaction).
+        """One row of the post's attempt history (inside the caller's transaction)."""
+        self._save_attempts([self._attempt(row, outcome, reason, self._progress)])
 
-        History is worth less than the post's status: a failed write is logged, not raised.
-        """
-        tracked = self._progress
-        tally = tracked.tally if tracked else {}
+    def _save_attempts(self, attempts: list[DeliveryAttempt]) -> None:
+        """History is worth less than the posts' status: a failed write is logged, not raised."""
         try:
             with transaction.atomic():
-                self._create_attempt(row, outcome, reason, tracked, tally)
+                DeliveryAttempt.objects.bulk_create(attempts)
         except DatabaseError as error:
-            logger.error("Could not record the attempt on %s: %s", _label(row), error)
+            posts = ", ".join(str(attempt.message_id) for attempt in attempts)
+            logger.error("Could not record the attempts on post(s) %s: %s", posts, error)
 
-    def _create_attempt(
-        self,
-        row: OutgoingMessage,
-        outcome: str,
-        reason: str,
-        tracked: Progress | None,
-        tally: dict[str, int],
-    ) -> None:
-        DeliveryAttempt.objects.create(
+    def _attempt(
+        self, row: OutgoingMessage, outcome: str, reason: str, tracked: Progress | None
+    ) -> DeliveryAttempt:
+        tally = tracked.tally if tracked else {}
+        now = timezone.now()
+        return DeliveryAttempt(
             message_id=row.pk,
             number=row.attempts,
             runner=self.name,
-            started_at=row.sending_since or timezone.now(),
-            finished_at=timezone.now(),
+            started_at=row.sending_since or now,
+            finished_at=now,
             accepted=tally.get(RStatus.SENT, 0),
             deferred=tally.get(RStatus.DEFERRED, 0),
             bounced=tally.get(RStatus.BOUNCED, 0),
@@ -786,6 +852,116 @@ class OutgoingRunner:
             outcome=outcome,
             reason=reason,
         )
+
+    # -- the books of small posts ---------------------------------------------
+
+    def _write_books(self, summary: RunSummary) -> None:
+        """Write the small posts waiting in the books, in one transaction.
+
+        What the server accepted, the refusals, the hour's totals, each post's
+        ending (one fenced UPDATE for the posts that end alike) and the
+        attempts: a handful of statements for a whole claim of small posts
+        instead of as many for each. A post whose lease was lost meanwhile
+        keeps only its accepted recipients, as at any checkpoint.
+        """
+        entries = self._books.take()
+        if not entries:
+            return
+        current = self._progress  # of the post being delivered, if any: the books are others'
+        try:
+            self._write(entries, summary)
+        finally:
+            self._progress = current
+
+    def _write(self, entries: list[Entry], summary: RunSummary) -> None:
+        sent: dict[str, list[int]] = {}
+        for entry in entries:
+            accepted = entry.verdicts.groups.get((RStatus.SENT, None, ""), [])
+            ids = [entry.batch[a] for a in accepted if a in entry.batch]
+            sent.setdefault(entry.mlist.list_id, []).extend(ids)
+        try:
+            with transaction.atomic():
+                held = self._write_entries(entries, sent, summary)
+        except DatabaseError as error:
+            with transaction.atomic():
+                for list_id, ids in sent.items():
+                    progress.add_to_hour(list_id, sent=_record_sent(ids))
+            for entry in entries:
+                self._progress = entry.progress
+                self._after_unexpected_error(entry.lease, summary, error)
+            return
+        for entry in entries:
+            if entry.lease.row.pk in held:
+                _announce(entry.lease.row, entry.ending)
+            else:
+                logger.warning(
+                    "Stopped delivering %s: it was paused or discarded, or its lease expired "
+                    "and another runner took it over",
+                    _label(entry.lease.row),
+                )
+                self._progress = entry.progress
+                self._after_lease_lost(entry.lease)
+
+    def _write_entries(
+        self, entries: list[Entry], sent: dict[str, list[int]], summary: RunSummary
+    ) -> set[int]:
+        """The books' writes, inside the caller's transaction; the posts still ours."""
+        held = held_of([entry.lease for entry in entries])  # locked first, as admin actions do
+        answered: dict[str, Counter[str]] = {}
+        for entry in entries:
+            groups = dict(entry.verdicts.groups)
+            groups.pop((RStatus.SENT, None, ""), None)
+            if groups:
+                self._record_refusals(entry.mlist, entry.post, entry.batch, groups)
+            totals = answered.setdefault(entry.mlist.list_id, Counter())
+            for (status, _code, _text), addresses in groups.items():
+                totals[status] += sum(1 for a in addresses if a in entry.batch)
+        for list_id, ids in sent.items():
+            _record_sent(ids)
+            totals = answered.get(list_id, Counter())
+            progress.add_to_hour(
+                list_id,
+                sent=len(ids),
+                bounced=totals[RStatus.BOUNCED],
+                failed=totals[RStatus.FAILED],
+            )
+        now = timezone.now()
+        alike: dict[str, tuple[dict[str, Any], list[Entry]]] = {}
+        for entry in entries:
+            if entry.lease.row.pk not in held:
+                continue
+            fields = self._ending_fields(entry, now)
+            key = json.dumps(fields, sort_keys=True, cls=DjangoJSONEncoder)
+            alike.setdefault(key, (fields, []))[1].append(entry)
+        for fields, group in alike.values():
+            end_all([entry.lease for entry in group], **fields)
+        attempts = []
+        for entry in entries:
+            row = entry.lease.row
+            if row.pk in held:
+                row.status, row.last_error = entry.ending.status, entry.ending.error
+                attempts.append(self._attempt(row, row.status, row.last_error, entry.progress))
+                summary.count(row.status)
+        self._save_attempts(attempts)
+        return held
+
+    def _ending_fields(self, entry: Entry, now: datetime) -> dict[str, Any]:
+        """What :meth:`_end` writes for this ending, times as of ``now`` (so that posts match)."""
+        ending = entry.ending
+        counts = progress.count_fields(entry.progress.counts if entry.progress else {})
+        fields = {**ending.fields, **entry.unsaved}
+        if "finished_at" in fields:
+            fields["finished_at"] = now
+        return {
+            "status": ending.status,
+            "last_error": storable_text(ending.error, 10_000),
+            "updated_at": now,
+            "problem": ending.problem,
+            "rate": None,
+            "finish_estimate": None,
+            **counts,
+            **fields,
+        }
 
     def _backoff(self, row: OutgoingMessage) -> datetime:
         """Exponential, from ``DELIVERY_RETRY_DELAY`` up to ``DELIVERY_RETRY_MAX_DELAY``, with jitter."""

@@ -48,7 +48,18 @@ def test_ten_times_the_members_costs_one_query_set_per_extra_batch(
 def test_a_small_post_takes_a_handful_of_queries(deliver_to, smtpd, mlist, first_post):
     queries_to_deliver(mlist, first_post)  # the hour's totals and the pass record now exist
     # Claim (a SELECT, the UPDATE, reading the rows), the claim's read of recipients; in one
-    # transaction an UPDATE of recipients, of the hour's totals and of the post, and the attempt's
-    # INSERT; the claim that finds nothing, and the UPDATE saying the pass is over.
-    assert queries_to_deliver(mlist, first_post) == 10
+    # transaction the read that locks the posts still ours, an UPDATE of recipients, of the
+    # hour's totals and of the post, and the attempts' INSERT; the claim that finds nothing,
+    # and the UPDATE saying the pass is over.
+    assert queries_to_deliver(mlist, first_post) == 11
     assert len(smtpd.messages) == 2
+
+
+def test_the_small_posts_of_a_claim_are_written_together(deliver_to, smtpd, mlist, first_post):
+    """Twenty posts: the claim's four statements, one read of each post but the first as it
+    starts (a discard meanwhile is seen), and the same handful of writes as for one post."""
+    queries_to_deliver(mlist, first_post)
+    for _ in range(19):
+        queue_post(mlist, first_post)
+    assert queries_to_deliver(mlist, first_post) == 11 + 19
+    assert len(smtpd.messages) == 21
