@@ -111,7 +111,7 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
             ).update(status=OutgoingMessage.Status.SENDING, leased_until=now + duration)
     rows = (
         OutgoingMessage.objects.filter(lease_token=token, id__in=ids)
-        .select_related("mailing_list", "parent")
+        .select_related("mailing_list")
         .order_by("next_attempt_at", "id")
     )
     return Claim(token, list(rows), duration)
@@ -245,6 +245,8 @@ class Heartbeat:
     """A thread that renews the lease of the post being delivered (invariant 5).
 
     One per run: :meth:`watch` a lease while delivering it, :meth:`watch` ``None`` after.
+    It also renews the leases of the posts sent but not yet written (:meth:`keep`),
+    so that a slow post after them never lets their leases run out.
     """
 
     def __init__(self, duration: timedelta) -> None:
@@ -252,6 +254,7 @@ class Heartbeat:
         self.tick = min(self.interval, CHECK_EVERY)
         self.duration = duration.total_seconds()
         self._lease: Lease | None = None
+        self._kept: list[Lease] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -271,6 +274,10 @@ class Heartbeat:
             )
             self._thread.start()
 
+    def keep(self, leases: list[Lease]) -> None:
+        with self._lock:
+            self._kept = list(leases)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None:
@@ -284,8 +291,26 @@ class Heartbeat:
                     lease = self._lease
                     if lease is not None:
                         self._renew(lease)
+                    if self._kept:
+                        self._renew_kept(self._kept)
         finally:
             connection.close()  # this thread's own database connection
+
+    def _renew_kept(self, leases: list[Lease]) -> None:
+        if time.monotonic() - min(lease.renewed_at for lease in leases) < self.interval:
+            return
+        began = time.monotonic()
+        try:
+            for token in {lease.token for lease in leases}:
+                ids = [lease.row.pk for lease in leases if lease.token == token]
+                OutgoingMessage.objects.filter(
+                    pk__in=ids, lease_token=token, status__in=OutgoingMessage.WAITING
+                ).update(leased_until=timezone.now() + timedelta(seconds=self.duration))
+        except DatabaseError as error:
+            logger.warning("Could not renew the leases of posts sent but not written: %s", error)
+            return
+        for lease in leases:  # one not renewed is found out when the posts are written
+            lease.renewed_at = began
 
     def _renew(self, lease: Lease) -> None:
         if lease.lost.is_set():

@@ -203,6 +203,7 @@ class OutgoingRunner:
         if self.list_address:
             due &= Q(mailing_list__address__iexact=self.list_address)
         with SMTPPool(config) as pool, Heartbeat(config["LEASE_DURATION"]) as heartbeat:
+            self._heartbeat = heartbeat
             modules = {
                 name: import_string(config[name])(pool, config)
                 for name in ("BULK_DELIVERY", "INDIVIDUAL_DELIVERY")
@@ -429,6 +430,7 @@ class OutgoingRunner:
                 self._books.add(
                     Entry(lease, mlist, post, batch, verdicts, unsaved, ending, self._progress)
                 )
+                self._heartbeat.keep([entry.lease for entry in self._books.entries])
             else:
                 self._checkpoint(lease, mlist, post, batch, verdicts, unsaved, ending, summary)
             unsaved = {}
@@ -867,6 +869,7 @@ class OutgoingRunner:
         entries = self._books.take()
         if not entries:
             return
+        self._heartbeat.keep([])
         current = self._progress  # of the post being delivered, if any: the books are others'
         try:
             self._write(entries, summary)

@@ -141,3 +141,32 @@ def test_a_runner_killed_between_two_writes_repeats_at_most_checkpoint_every_tra
     assert len(per_post) == posts
     assert sum(n - 1 for n in per_post.values()) <= checkpoint, "more than one batch repeated"
     assert set(OutgoingMessage.objects.values_list("status", flat=True)) == {Status.DELIVERED}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_posts_sent_but_not_yet_written_keep_their_leases_however_long_the_next_one_takes(
+    deliver_to, smtpd, mlist
+):
+    """A lease of one second; three seconds pass before the books are written. Another runner
+    claiming meanwhile may take the post not yet started, never the one sent."""
+    from datetime import timedelta
+
+    from django.db.models import Q
+
+    from listdelivery import lease
+
+    deliver_to(LEASE_DURATION=1, CHECKPOINT_EVERY=100)
+    first, second = queue_post(mlist, post(1)), queue_post(mlist, post(2))
+    taken = []
+
+    def slow_second_post(row, summary):
+        if row.pk == first.pk:
+            time.sleep(3)
+            due = Q(status__in=OutgoingMessage.WAITING)
+            taken.extend(lease.claim(due, 10, timedelta(seconds=1)).rows)
+
+    OutgoingRunner(on_post=slow_second_post).run()
+    assert [row.pk for row in taken] == [second.pk]
+    first.refresh_from_db()
+    assert first.status == Status.DELIVERED
+    assert copies_per_post(smtpd) == {"<post-1@example.com>": 1}
