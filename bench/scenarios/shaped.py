@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench.checks import CorrectnessError
+from bench.checks import CorrectnessError, check_delivered
 from bench.context import Bench
 from bench.database import flush_tables
 from bench.lists import PERSONAL_FOOTER, PERSONALIZED_SETTINGS, enqueue, member_name
@@ -424,11 +424,3 @@ def deferred_replies() -> dict[str, str]:
         address: f"{code} {text}"
         for address, code, text in left.values_list("address", "smtp_code", "smtp_message")
     }
-
-
-def check_delivered(posts: int, what: str) -> None:
-    from listdelivery.models import OutgoingMessage
-
-    delivered = OutgoingMessage.objects.filter(status=OutgoingMessage.Status.DELIVERED).count()
-    if delivered != posts:
-        raise CorrectnessError(f"{what}: {delivered} of {posts} posts delivered")
