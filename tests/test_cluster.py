@@ -247,6 +247,7 @@ def test_two_workers_of_one_cluster_deliver_one_big_post_together(settings, smtp
     settings.LISTDELIVERY = {"SMTP_HOST": smtpd.host, "SMTP_PORT": smtpd.port, "SHARD_SIZE": 1000}
     environment = cluster_environment(smtpd, SHARD_SIZE=1000)
     environment["Q_WORKERS"] = "2"
+    smtpd.delay = 0.001  # at least five seconds for one worker alone: the other has time to join
     cluster = start_cluster(environment)
     try:
         post_row = queue(big_list(5000, Personalization.FULL))
