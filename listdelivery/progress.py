@@ -84,6 +84,7 @@ class Progress:
     # This attempt's own answers, by status.
     tally: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED, 0))
     first_error: str = ""
+    written: dict[str, int] = field(default_factory=dict)  # the counter fields the row holds
 
     @classmethod
     def of(cls, row: OutgoingMessage) -> Progress:
@@ -94,7 +95,8 @@ class Progress:
         else:
             counts = count(row)
         opened = counts.get(RStatus.PENDING, 0) + counts.get(RStatus.DEFERRED, 0)
-        return cls(counts, opened)
+        written = {name: getattr(row, name) for name in COUNT_FIELDS.values()}
+        return cls(counts, opened, written=written)
 
     def moved(self, status: str, was_deferred: bool) -> None:
         """One recipient answered ``status`` this attempt."""
@@ -103,6 +105,14 @@ class Progress:
         self.counts[status] = self.counts.get(status, 0) + 1
         self.tally[status] += 1
         self.visited += 1
+
+    def changes(self, fields: dict[str, Any]) -> dict[str, float]:
+        """How far the counters and the rate in ``fields`` moved since the row last held
+        them; they are the row's from now on."""
+        names = (*COUNT_FIELDS.values(), "rate")
+        moved = {name: (fields[name] or 0) - (self.written.get(name) or 0) for name in names}
+        self.written = {name: fields[name] for name in names}
+        return moved
 
     def note_error(self, text: str) -> None:
         if not self.first_error and text:

@@ -146,8 +146,9 @@ class Books:
 
     Written before the post after them would bring more than ``CHECKPOINT_EVERY``
     transactions (so a crash repeats at most that many, as with a big post's
-    batches), before a post that is not small, at the end of the claim, and
-    when the oldest has waited a third of a lease.
+    batches), before a post that is not small, when the oldest has waited a
+    third of a lease, and at the end of the run. The heartbeat renews their
+    leases meanwhile.
     """
 
     entries: list[Entry] = field(default_factory=list)
@@ -228,7 +229,7 @@ class OutgoingRunner:
                     )
                     if self.on_post:
                         self.on_post(row, summary)
-                self._write_books(summary)
+            self._write_books(summary)
         if summary.bounced:
             score_bounces()
         summary.seconds = time.monotonic() - began
@@ -621,14 +622,15 @@ class OutgoingRunner:
                 if ending:
                     kept = self._end(lease, summary, ending, **unsaved)
                 else:
+                    fields = tracked.fields()
                     kept = lease.fenced().update(
                         leased_until=lease.expiry(),
                         updated_at=timezone.now(),
-                        **tracked.fields(),
+                        **fields,
                         **unsaved,
                     )
                     if kept and lease.row.is_shard:
-                        shards.rollup(lease.row.parent_id)
+                        shards.add_progress(lease.row.parent_id, tracked.changes(fields), fields)
         except DatabaseError:
             with transaction.atomic():
                 progress.add_to_hour(mlist.list_id, sent=_record_sent(sent))

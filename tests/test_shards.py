@@ -307,6 +307,11 @@ def test_a_runner_killed_in_a_shard_repeats_at_most_one_batch(smtpd):
         time.sleep(0.02)
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.communicate(timeout=30)
+    # Its checkpoints moved the post's counters with the shard's, in the same transactions.
+    post.refresh_from_db()
+    assert post.sent_count == sum(post.shards.values_list("sent_count", flat=True)) > 0
+    assert post.sent_count == post.recipients.filter(status=RStatus.SENT).count()
+    assert post.status == Status.SENDING and post.rate > 0
     time.sleep(2.2)  # its lease runs out
     survivor = deliver_pending(environment)
     _, stderr = survivor.communicate(timeout=120)
