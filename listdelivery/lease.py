@@ -85,15 +85,7 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
     claimable = due & Q(shard_count=0) & (Q(leased_until__isnull=True) | Q(leased_until__lt=now))
     candidates = OutgoingMessage.objects.filter(claimable).order_by("next_attempt_at", "id")
     with transaction.atomic():
-        if connection.features.has_select_for_update_skip_locked:
-            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-        ids, parents = [], []
-        for pk, parent in candidates.values_list("id", "parent_id")[:count]:
-            if parent is not None:
-                if parents:
-                    continue
-                parents.append(parent)
-            ids.append(pk)
+        ids, parents = _choose(candidates, count)
         if not ids:
             return Claim(token, [], duration)
         OutgoingMessage.objects.filter(claimable, id__in=ids).update(
@@ -115,6 +107,36 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
         .order_by("next_attempt_at", "id")
     )
     return Claim(token, list(rows), duration)
+
+
+def _choose(candidates: QuerySet[OutgoingMessage], count: int) -> tuple[list[int], list[int]]:
+    """The ids to claim and the posts of the shards among them, locked where the database can.
+
+    One shard when a shard is due first, else up to ``count`` posts. Only the rows
+    taken are locked, so a runner claiming at the same moment takes the next shard
+    instead of finding every one locked.
+    """
+    first = list(candidates.values_list("parent_id", flat=True)[:1])
+    if not first:
+        return [], []
+    shards = candidates.filter(parent__isnull=False)
+    posts = candidates.filter(parent__isnull=True)
+    if connection.features.has_select_for_update_skip_locked:
+        shards = shards.select_for_update(skip_locked=True, of=("self",))
+        posts = posts.select_for_update(skip_locked=True, of=("self",))
+
+    def one_shard() -> tuple[list[int], list[int]]:
+        taken = list(shards.values_list("id", "parent_id")[:1])
+        return [pk for pk, _ in taken], [parent for _, parent in taken]
+
+    def some_posts() -> tuple[list[int], list[int]]:
+        return list(posts.values_list("id", flat=True)[:count]), []
+
+    for take in (one_shard, some_posts) if first != [None] else (some_posts, one_shard):
+        ids, parents = take()
+        if ids:  # none when others hold them all right now
+            return ids, parents
+    return [], []
 
 
 def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:

@@ -142,39 +142,39 @@ class Entry:
 
 @dataclass
 class Books:
-    """The results of the small posts of a claim, written in one transaction.
+    """The results of small posts, written together in one transaction.
 
-    Written before the post after them would bring more than ``CHECKPOINT_EVERY``
-    transactions (so a crash repeats at most that many, as with a big post's
-    batches), before a post that is not small, when the oldest has waited a
-    third of a lease, and at the end of the run. The heartbeat renews their
-    leases meanwhile.
+    Written before the post after them would bring their recipients past
+    ``CHECKPOINT_EVERY`` (so a crash sends at most that many copies again, as
+    with a personalized post's batch, and never more than a bulk batch), before
+    a post that is not small, when the oldest has waited a third of a lease, and
+    at the end of the run. The heartbeat renews their leases meanwhile.
     """
 
     entries: list[Entry] = field(default_factory=list)
-    transactions: int = 0
+    recipients: int = 0
     since: float = 0.0
 
     def add(self, entry: Entry) -> None:
         if not self.entries:
             self.since = time.monotonic()
         self.entries.append(entry)
-        self.transactions += entry.verdicts.transactions
+        self.recipients += len(entry.batch)
 
-    def full_with(self, transactions: int, config: dict[str, Any]) -> bool:
+    def full_with(self, recipients: int, config: dict[str, Any]) -> bool:
         return bool(self.entries) and (
-            self.transactions + transactions > config["CHECKPOINT_EVERY"] or self.due(config)
+            self.recipients + recipients > config["CHECKPOINT_EVERY"] or self.due(config)
         )
 
     def due(self, config: dict[str, Any]) -> bool:
         waited = time.monotonic() - self.since
         return bool(self.entries) and (
-            self.transactions >= config["CHECKPOINT_EVERY"]
+            self.recipients >= config["CHECKPOINT_EVERY"]
             or waited > config["LEASE_DURATION"].total_seconds() / 3
         )
 
     def take(self) -> list[Entry]:
-        entries, self.entries, self.transactions = self.entries, [], 0
+        entries, self.entries, self.recipients = self.entries, [], 0
         return entries
 
 

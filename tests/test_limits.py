@@ -169,7 +169,7 @@ def test_a_burst_of_slow_down_replies_halves_the_rate_once_and_quiet_brings_it_b
     store.take("relay:ses", rate, burst=1)
     assert waits_about(store.take("relay:ses", rate, burst=1), 0.02, slowed), "not half the rate"
 
-    time.sleep(0.3 - (time.time() - slowed) + 0.01)
+    time.sleep(max(0.0, 0.3 - (time.time() - slowed) + 0.01))  # a loaded machine may be past
     assert store.current("relay:ses") == 0.75
     time.sleep(0.3)
     assert store.current("relay:ses") == 1.0

@@ -1,6 +1,7 @@
 """Posts: ``--posts`` posts (1,000; 50 with ``--quick``) to the seed's 3-member list, queued,
 then delivered by ``manage.py deliver_pending`` in this process, on one connection and on the
-most of ``--connections``. One 3-RCPT transaction per post.
+most of ``--connections``, and by two runner processes started together (:mod:`bench.workers`),
+as a cluster's two default workers would. One 3-RCPT transaction per post.
 
 Target: 1,500 posts a second; the ratio to the baseline is of posts (transactions) a second.
 """
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.checks import check_database
+from bench.checks import CorrectnessError, check_database
 from bench.context import Bench
 from bench.database import flush_tables
 from bench.lists import create_small_list, enqueue
@@ -19,6 +20,7 @@ from bench.queries import breakdown
 from bench.report import Outcome, Row, met
 from bench.rounds import Timed
 from bench.timing import Sample
+from bench.workers import Workers, added_up, environment
 
 TARGET_POSTS_PER_SECOND = 1_500
 QUERY_POSTS = 200
@@ -28,14 +30,23 @@ WARM_UP_POSTS = 20
 def timed(bench: Bench) -> list[Timed]:
     posts = bench.options.posts
     return [
+        *(
+            Timed(
+                f"posts, {c} conn",
+                posts,
+                lambda c=c: once_with(bench, posts, c),
+                {"connections": c},
+                judge=judge,
+            )
+            for c in sorted({1, max(bench.options.connections)})
+        ),
         Timed(
-            f"posts, {c} conn",
+            "posts, 2 processes",
             posts,
-            lambda c=c: once_with(bench, posts, c),
-            {"connections": c},
+            lambda: by_processes(bench, posts, 2),
+            {"processes": 2},
             judge=judge,
-        )
-        for c in sorted({1, max(bench.options.connections)})
+        ),
     ]
 
 
@@ -74,6 +85,34 @@ def once_with(bench: Bench, posts: int, connections: int) -> Sample:
     bench.check_sink(before, posts, 3 * posts, what)
     check_database(posts, 3 * posts, what)
     return watch.sample(posts, 3 * posts, posts=posts, enqueue_seconds=queued)
+
+
+def by_processes(bench: Bench, posts: int, processes: int) -> Sample:
+    """The posts delivered by ``processes`` runner processes at once; their start-up untimed."""
+    from django.test.utils import override_settings
+
+    settings = bench.config()
+    mlist = fresh_list()
+    with override_settings(LISTDELIVERY=settings):
+        queued = queue(mlist, posts)
+    workers = Workers(processes, environment(bench.scratch, settings))
+    before = bench.counts()
+    try:
+        with bench.stopwatch() as watch:
+            reports = workers.go()
+    finally:
+        workers.kill()
+    what = f"posts, {posts} posts, {processes} processes"
+    total = added_up(reports)
+    if (total.posts, total.delivered, total.recipients) != (posts, posts, 3 * posts):
+        raise CorrectnessError(f"{what}: the workers' summaries add up to {total}")
+    bench.check_sink(before, posts, 3 * posts, what)
+    check_database(posts, 3 * posts, what)
+    sample = watch.sample(posts, 3 * posts, posts=posts, enqueue_seconds=queued)
+    sample.seconds = max(report["seconds"] for report in reports)
+    sample.client_cpu = sum(report["cpu_seconds"] for report in reports)
+    sample.details = {"posts_by_worker": [report["summary"]["posts"] for report in reports]}
+    return sample
 
 
 def warm_up(bench: Bench) -> None:
