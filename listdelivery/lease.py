@@ -313,14 +313,11 @@ class Heartbeat:
                     lease = self._lease
                     if lease is not None:
                         self._renew(lease)
-                    if self._kept:
-                        self._renew_kept(self._kept)
         finally:
             connection.close()  # this thread's own database connection
 
     def _renew_kept(self, leases: list[Lease]) -> None:
-        if time.monotonic() - min(lease.renewed_at for lease in leases) < self.interval:
-            return
+        """With the lease of the post being delivered: a slow post is what could outlast them."""
         began = time.monotonic()
         try:
             for token in {lease.token for lease in leases}:
@@ -344,6 +341,8 @@ class Heartbeat:
                     raise LeaseLost(lease.row.pk)
                 return
             lease.renew()
+            if self._kept:
+                self._renew_kept(self._kept)
         except LeaseLost:
             logger.warning(
                 "Post %s was paused, discarded or taken over while being delivered: "
