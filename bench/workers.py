@@ -85,6 +85,36 @@ class Workers:
                 process.wait()
 
 
+@dataclasses.dataclass
+class Together:
+    """What :func:`deliver_together` saw."""
+
+    reports: list[dict[str, Any]]  # what each worker said
+    sample: Any  # from GO to the last worker's end, with the CPU of delivery alone
+    sink_before: tuple[int, int | None]  # the sink's counts before GO
+    wall_seconds: float  # GO to the last worker's exit
+
+
+def deliver_together(bench: Any, processes: int, settings: dict[str, Any]) -> Together:
+    """``processes`` workers with ``settings`` delivering what is queued, all at once.
+
+    The sample's time is from GO to the last worker's end of delivery, and its CPU
+    the workers' delivery alone: their start-up and exit are not what is measured.
+    """
+    workers = Workers(processes, environment(bench.scratch, settings))
+    before = bench.counts()
+    try:
+        with bench.stopwatch() as watch:
+            reports = workers.go()
+    finally:
+        workers.kill()
+    total = added_up(reports)
+    sample = watch.sample(total.transactions, total.recipients)
+    sample.seconds = max(report["seconds"] for report in reports)
+    sample.client_cpu = sum(report["cpu_seconds"] for report in reports)
+    return Together(reports, sample, before, watch.seconds)
+
+
 def _said(process: subprocess.Popen, errors: IO[bytes], output: str) -> str:
     errors.seek(0)
     return (output + errors.read().decode(errors="replace"))[-3000:]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from email import message_from_string
 from email.message import Message
 from pathlib import Path
@@ -107,6 +109,15 @@ def deliver_pending(environment: dict[str, str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def kill_when_received(process: subprocess.Popen, smtpd, count: int, timeout: float = 60) -> None:
+    """``kill -9`` the process once the server has received ``count`` messages."""
+    deadline = time.monotonic() + timeout
+    while len(smtpd.messages) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
 
 
 def database_url() -> str:

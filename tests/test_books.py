@@ -3,8 +3,6 @@ with the same guarantee as a big post's checkpoints."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections import Counter
 from email import message_from_string
@@ -26,6 +24,7 @@ from .conftest import (
     FIRST_POST,
     THREE,
     deliver_pending,
+    kill_when_received,
     make_due,
     queue_post,
     run,
@@ -126,12 +125,7 @@ def test_a_runner_killed_between_two_writes_repeats_at_most_checkpoint_every_tra
     environment = subprocess_environment(
         smtpd, CHECKPOINT_EVERY=checkpoint, CLAIM_BATCH=100, LEASE_DURATION=2
     )
-    doomed = deliver_pending(environment)
-    deadline = time.monotonic() + 30
-    while len(smtpd.messages) < 45 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(doomed.pid, signal.SIGKILL)
-    doomed.communicate(timeout=30)
+    kill_when_received(deliver_pending(environment), smtpd, 45)
     time.sleep(2.2)  # its leases run out
     smtpd.delay = 0
     survivor = deliver_pending(environment)

@@ -3,8 +3,6 @@ ends, once, when its last shard ends — delivered, retried, held, failed, pause
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from datetime import timedelta
 from email import message_from_string
@@ -28,7 +26,7 @@ from listdelivery.pipeline import member_recipients, to_outgoing
 from listdelivery.runner import OutgoingRunner
 from listdelivery.shards import NOBODY_ACCEPTED
 
-from .conftest import deliver_pending, run, subprocess_environment
+from .conftest import deliver_pending, kill_when_received, run, subprocess_environment
 
 Status = OutgoingMessage.Status
 RStatus = OutgoingRecipient.Status
@@ -301,12 +299,7 @@ def test_a_runner_killed_in_a_shard_repeats_at_most_one_batch(smtpd):
     environment = subprocess_environment(
         smtpd, CHECKPOINT_EVERY=checkpoint, LEASE_DURATION=2, SHARD_SIZE=1000
     )
-    doomed = deliver_pending(environment)
-    deadline = time.monotonic() + 60
-    while len(smtpd.messages) < 500 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(doomed.pid, signal.SIGKILL)
-    doomed.communicate(timeout=30)
+    kill_when_received(deliver_pending(environment), smtpd, 500)
     # Its checkpoints moved the post's counters with the shard's, in the same transactions.
     post.refresh_from_db()
     assert post.sent_count == sum(post.shards.values_list("sent_count", flat=True)) > 0

@@ -27,7 +27,7 @@ from bench.lists import PERSONALIZED_LIST, PERSONALIZED_SETTINGS, create_list, e
 from bench.report import Row, met
 from bench.rounds import Timed
 from bench.timing import Sample
-from bench.workers import Workers, added_up, environment
+from bench.workers import added_up, deliver_together
 
 FULL_MEMBERS = 20_000
 QUICK_MEMBERS = 2_000
@@ -96,26 +96,17 @@ def deliver(bench: Bench, n: int, processes: int, settings: dict[str, Any]) -> S
         began = time.perf_counter()
         enqueue(mlist, 1)
         queued = time.perf_counter() - began
-    workers = Workers(processes, environment(bench.scratch, settings))
-    before = bench.counts()
-    try:
-        with bench.stopwatch() as watch:
-            reports = workers.go()
-    finally:
-        workers.kill()
+    run = deliver_together(bench, processes, settings)
     what = f"parallel, {n} members, {processes} process(es)"
-    check_summary(added_up(reports), n, n, 1, what)
-    bench.check_sink(before, n, n, what)
+    check_summary(added_up(run.reports), n, n, 1, what)
+    bench.check_sink(run.sink_before, n, n, what)
     check_database(1, n, what)
-    sample = watch.sample(n, n, enqueue_seconds=queued)
-    # From GO to the last worker's end of delivery, and the CPU of delivery alone: the
-    # workers' start-up and exit are not what is measured.
-    sample.seconds = max(report["seconds"] for report in reports)
-    sample.client_cpu = sum(report["cpu_seconds"] for report in reports)
+    sample = run.sample
+    sample.enqueue_seconds = queued
     sample.details = {
         "processes": processes,
-        "wall_seconds": round(watch.seconds, 3),
-        "recipients_by_worker": [report["summary"]["recipients"] for report in reports],
-        "worker_seconds": [round(report["seconds"], 3) for report in reports],
+        "wall_seconds": round(run.wall_seconds, 3),
+        "recipients_by_worker": [report["summary"]["recipients"] for report in run.reports],
+        "worker_seconds": [round(report["seconds"], 3) for report in run.reports],
     }
     return sample

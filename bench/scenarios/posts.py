@@ -20,7 +20,7 @@ from bench.queries import breakdown
 from bench.report import Outcome, Row, met
 from bench.rounds import Timed
 from bench.timing import Sample
-from bench.workers import Workers, added_up, environment
+from bench.workers import added_up, deliver_together
 
 TARGET_POSTS_PER_SECOND = 1_500
 QUERY_POSTS = 200
@@ -95,23 +95,16 @@ def by_processes(bench: Bench, posts: int, processes: int) -> Sample:
     mlist = fresh_list()
     with override_settings(LISTDELIVERY=settings):
         queued = queue(mlist, posts)
-    workers = Workers(processes, environment(bench.scratch, settings))
-    before = bench.counts()
-    try:
-        with bench.stopwatch() as watch:
-            reports = workers.go()
-    finally:
-        workers.kill()
+    run = deliver_together(bench, processes, settings)
     what = f"posts, {posts} posts, {processes} processes"
-    total = added_up(reports)
+    total = added_up(run.reports)
     if (total.posts, total.delivered, total.recipients) != (posts, posts, 3 * posts):
         raise CorrectnessError(f"{what}: the workers' summaries add up to {total}")
-    bench.check_sink(before, posts, 3 * posts, what)
+    bench.check_sink(run.sink_before, posts, 3 * posts, what)
     check_database(posts, 3 * posts, what)
-    sample = watch.sample(posts, 3 * posts, posts=posts, enqueue_seconds=queued)
-    sample.seconds = max(report["seconds"] for report in reports)
-    sample.client_cpu = sum(report["cpu_seconds"] for report in reports)
-    sample.details = {"posts_by_worker": [report["summary"]["posts"] for report in reports]}
+    sample = run.sample
+    sample.posts, sample.enqueue_seconds = posts, queued
+    sample.details = {"posts_by_worker": [report["summary"]["posts"] for report in run.reports]}
     return sample
 
 
