@@ -622,13 +622,8 @@ class OutgoingRunner:
                 if ending:
                     kept = self._end(lease, summary, ending, **unsaved)
                 else:
-                    fields = tracked.fields()
-                    kept = lease.fenced().update(
-                        leased_until=lease.expiry(),
-                        updated_at=timezone.now(),
-                        **fields,
-                        **unsaved,
-                    )
+                    fields = {"leased_until": lease.expiry(), **tracked.fields()}
+                    kept = lease.fenced().update(updated_at=timezone.now(), **fields, **unsaved)
                     if kept and lease.row.is_shard:
                         shards.add_progress(lease.row.parent_id, tracked.changes(fields), fields)
         except DatabaseError:

@@ -90,14 +90,16 @@ def add_progress(post_id: int, moved: dict[str, int], fields: dict[str, Any]) ->
 
     One UPDATE of increments, no lock and no count: cheap at every checkpoint.
     The post's rate is the sum of its shards'; the latest shard's estimated
-    finish stands for the post's. The next :func:`rollup` (at a shard's
-    ending) writes them all again from the shards.
+    finish and lease stand for the post's (so a post whose shards go on is
+    never "stalled"). The next :func:`rollup` (at a shard's ending) writes them
+    all again from the shards.
     """
     rate = moved.pop("rate")
     OutgoingMessage.objects.filter(pk=post_id).update(
         **{name: F(name) + change for name, change in moved.items() if change},
         rate=Coalesce(F("rate"), 0.0) + rate,
         finish_estimate=fields["finish_estimate"],
+        leased_until=fields["leased_until"],
         updated_at=timezone.now(),
     )
 

@@ -306,6 +306,8 @@ def test_a_runner_killed_in_a_shard_repeats_at_most_one_batch(smtpd):
     assert post.sent_count == post.recipients.filter(status=RStatus.SENT).count()
     assert post.status == Status.SENDING and post.rate > 0
     time.sleep(2.2)  # its lease runs out
+    post.refresh_from_db()
+    assert post.is_stalled, "the post's page and health say its runner stopped"
     survivor = deliver_pending(environment)
     _, stderr = survivor.communicate(timeout=120)
     assert survivor.returncode == 0, stderr.decode()
