@@ -23,7 +23,18 @@ from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import flatten_fieldsets, quote, unquote
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models, transaction
-from django.db.models import Case, Count, Model, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models import (
+    Case,
+    Count,
+    Exists,
+    Model,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
 from django.db.models.functions import Coalesce
 from django.http import (
     Http404,
@@ -340,11 +351,21 @@ def runner_finishing(post: OutgoingMessage, attempts: list[DeliveryAttempt] | No
     A runner that stops records its attempt; until then it may finish the
     transaction in flight. After a lease's length it has stopped in any case.
     """
-    if post.status not in (Status.PAUSED, Status.DISCARDED) or post.sending_since is None:
-        return False
-    if post.shard_count:  # its shards' runners record their attempts one by one
+    if post.status not in (Status.PAUSED, Status.DISCARDED):
         return False
     if post.updated_at < timezone.now() - _config()["LEASE_DURATION"]:
+        return False
+    if post.shard_count:  # a shard that was being sent and has not recorded its attempt
+        recorded = DeliveryAttempt.objects.filter(
+            message=OuterRef("pk"), number=OuterRef("attempts")
+        )
+        return (
+            post.shards.filter(status=post.status, sending_since__isnull=False)
+            .exclude(Exists(recorded))
+            .filter(updated_at__gte=timezone.now() - _config()["LEASE_DURATION"])
+            .exists()
+        )
+    if post.sending_since is None:
         return False
     if attempts is None:
         return not post.attempt_log.filter(number=post.attempts).exists()

@@ -50,7 +50,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Case, F, Q, QuerySet, When
 from django.utils import timezone
 
 from .models import OutgoingMessage
@@ -98,9 +98,14 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
             finish_estimate=None,
         )
         if parents:  # the post is being delivered as soon as one of its shards is
+            sending = OutgoingMessage.Status.SENDING
             OutgoingMessage.objects.filter(
                 pk__in=parents, status__in=OutgoingMessage.WAITING
-            ).update(status=OutgoingMessage.Status.SENDING, leased_until=now + duration)
+            ).update(
+                status=sending,
+                leased_until=now + duration,
+                sending_since=Case(When(status=sending, then=F("sending_since")), default=now),
+            )
     rows = (
         OutgoingMessage.objects.filter(lease_token=token, id__in=ids)
         .select_related("mailing_list")

@@ -136,6 +136,7 @@ def test_a_claim_takes_one_shard_and_leaves_the_others_to_other_runners(deliver_
     assert first.rows[0].pk != second.rows[0].pk
     post.refresh_from_db()
     assert post.status == Status.SENDING and post.leased_until is not None
+    assert post.sending_since is not None, "the post's page says since when it is sent"
     assert post.lease_token == "", "the post itself is never claimed"
 
 
