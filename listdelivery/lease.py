@@ -152,30 +152,29 @@ def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:
     return queryset.update(**UNLEASED, **fields)
 
 
-def held_of(leases: list[Lease]) -> set[int]:
-    """The posts of ``leases`` still held, locked until the caller's transaction ends."""
-    still = Q()
+def fenced_all(leases: list[Lease]) -> QuerySet[OutgoingMessage]:
+    """The rows of ``leases`` we still hold: :meth:`Lease.fenced` for several at once."""
+    still = Q(pk__in=[])
     for token in {lease.token for lease in leases}:
         ids = [lease.row.pk for lease in leases if lease.token == token]
         still |= Q(pk__in=ids, lease_token=token)
-    rows = OutgoingMessage.objects.filter(still, status__in=OutgoingMessage.WAITING)
+    return OutgoingMessage.objects.filter(still, status__in=OutgoingMessage.WAITING)
+
+
+def held_of(leases: list[Lease]) -> set[int]:
+    """The posts of ``leases`` still held, locked until the caller's transaction ends."""
+    rows = fenced_all(leases)
     if connection.features.has_select_for_update:
         rows = rows.select_for_update()
     return set(rows.values_list("pk", flat=True))
 
 
 def end_all(leases: list[Lease], **fields: Any) -> int:
-    """End several posts alike, letting go of their leases: one fenced UPDATE per claim.
+    """End several posts alike, letting go of their leases, in one fenced UPDATE.
 
     For posts :func:`held_of` found held in the same transaction (invariant 6).
     """
-    ended = 0
-    for token in {lease.token for lease in leases}:
-        ids = [lease.row.pk for lease in leases if lease.token == token]
-        ended += OutgoingMessage.objects.filter(
-            pk__in=ids, lease_token=token, status__in=OutgoingMessage.WAITING
-        ).update(**UNLEASED, **fields)
-    return ended
+    return fenced_all(leases).update(**UNLEASED, **fields)
 
 
 class Claim:
@@ -325,11 +324,8 @@ class Heartbeat:
         """With the lease of the post being delivered: a slow post is what could outlast them."""
         began = time.monotonic()
         try:
-            for token in {lease.token for lease in leases}:
-                ids = [lease.row.pk for lease in leases if lease.token == token]
-                OutgoingMessage.objects.filter(
-                    pk__in=ids, lease_token=token, status__in=OutgoingMessage.WAITING
-                ).update(leased_until=timezone.now() + timedelta(seconds=self.duration))
+            expiry = timezone.now() + timedelta(seconds=self.duration)
+            fenced_all(leases).update(leased_until=expiry)
         except DatabaseError as error:
             logger.warning("Could not renew the leases of posts sent but not written: %s", error)
             return
