@@ -15,6 +15,7 @@ from django.utils import timezone
 from listdelivery import lease, signals
 from listdelivery.admin import discard_posts, pause_posts, resume_posts, retry_posts
 from listdelivery.models import (
+    BounceEvent,
     DeliveryAttempt,
     MailingList,
     Member,
@@ -158,6 +159,32 @@ def test_a_shard_is_the_unit_of_retry_for_its_recipients(deliver_to, smtpd):
     assert [m.rcpt_tos for m in smtpd.messages] == [["member00012@example.org"]]
     post.refresh_from_db()
     assert post.status == Status.DELIVERED and post.sent_count == 25
+
+
+@pytest.mark.django_db
+def test_a_shard_checkpoint_that_cannot_be_saved_records_the_accepted_and_resends_nobody(
+    deliver_to, smtpd
+):
+    """A full disk when a shard writes its refusals: the accepted are recorded anyway, the
+    shard retries, and the post ends delivered with one copy each."""
+    from .test_guarantee import failing_inserts
+
+    deliver_to(SHARD_SIZE=10, MAX_RECIPIENTS=3)
+    post = queue(big_list(25))
+    smtpd.fail_rcpt = {"member00012@example.org": "550 5.1.1 No such user"}
+    with failing_inserts(BounceEvent._meta.db_table):
+        run()
+    second = shards_of(post)[1]
+    assert second.status == Status.RETRY and "no space left on device" in second.last_error
+    sent = second.recipient_rows().filter(status=RStatus.SENT).count()
+    assert sent == 9, "everyone the server accepted is recorded"
+    OutgoingMessage.objects.filter(pk=second.pk).update(next_attempt_at=timezone.now())
+    run()
+    post.refresh_from_db()
+    assert post.status == Status.DELIVERED
+    assert (post.sent_count, post.bounced_count) == (24, 1)
+    counts = smtpd.recipients_count()  # what the server accepted: the refused one is not in it
+    assert len(counts) == 24 and set(counts.values()) == {1}
 
 
 @pytest.mark.django_db
