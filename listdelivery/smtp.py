@@ -22,7 +22,7 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +175,34 @@ def _dot_stuffed(message: bytes) -> bytes:
     return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
+def _commands(transaction: Transaction, mail: str, pipelining: bool) -> list[str]:
+    """MAIL, the RCPTs and, for a few recipients where the server pipelines, DATA.
+
+    A few recipients (a personal copy, a default bulk chunk): DATA goes in the
+    same write. Many: the client waits for the RCPT replies first, so that a chunk
+    of unknown users does not cost the server a DATA error too, nor us its
+    tarpit (RFC 2920 §3.1).
+    """
+    commands = [mail, *(f"RCPT TO:<{r}>" for r in transaction.recipients)]
+    if pipelining and len(transaction.recipients) <= PIPELINE_DATA_UP_TO:
+        commands.append("DATA")
+    return commands
+
+
+def _wire(commands: list[str]) -> bytes:
+    return b"".join(c.encode("utf-8") + b"\r\n" for c in commands)
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A transaction taken while the one before it was being sent (:meth:`Connection.send`)."""
+
+    transaction: Transaction
+    mail: str = ""
+    message: bytes = b""
+    written: bool = False  # its commands followed the message before it
+
+
 def _needs_smtputf8(transaction: Transaction) -> bool:
     return not (transaction.sender.isascii() and all(r.isascii() for r in transaction.recipients))
 
@@ -241,19 +269,43 @@ class Connection:
         self.transactions_in_session = 0
         self.last_used = 0.0
         self.opened = 0
+        #: The next transaction, taken while the last one's message was being sent: its
+        #: commands went in the same write where ``_Ahead.written`` says so.
+        self._ahead: _Ahead | None = None
 
-    def send(self, transaction: Transaction) -> Outcome:
+    def send(
+        self, transaction: Transaction, following: Callable[[], Transaction | None] | None = None
+    ) -> Outcome:
+        """Send ``transaction``; with ``following`` (where the server offers PIPELINING), take
+        the next transaction while this one's message goes, and write its commands after the
+        message, in the same write (RFC 2920 §3.1): one round trip a transaction, not two.
+
+        The one taken is :meth:`ahead`'s until it is sent, which must be next.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.written and self.smtp is not None:
+            assert ahead.transaction is transaction, "the transaction taken ahead goes next"
+            outcome = self._send_prepared(transaction, ahead.mail, ahead.message, following, True)
+            if outcome.failure and outcome.failure.stage == "mail" and self.smtp is None:
+                # The session ended under the commands written ahead: nothing of this
+                # transaction was accepted, so it goes on a new session, as after an idle drop.
+                outcome = self._send_once(transaction, following)
+            return outcome
         limit = self.config["MAX_SESSIONS_PER_CONNECTION"]
         if self.smtp is not None and limit > 0 and self.transactions_in_session >= limit:
             self.close()
         if self.smtp is not None and not self._alive():
             self.close()
         reused = self.smtp is not None
-        outcome = self._send_once(transaction)
+        outcome = self._send_once(transaction, following)
         if reused and outcome.failure and outcome.failure.stage == "mail" and self.smtp is None:
             # The server dropped an idle session between two posts: not a delivery failure.
-            outcome = self._send_once(transaction)
+            outcome = self._send_once(transaction, following)
         return outcome
+
+    def ahead(self) -> Transaction | None:
+        """The transaction taken ahead by the last :meth:`send`, to send next; ``None``: none."""
+        return self._ahead.transaction if self._ahead is not None else None
 
     def offers(self, extension: str) -> bool:
         """Whether the server's EHLO offers ``extension``; opens the session to ask if needed.
@@ -356,11 +408,20 @@ class Connection:
             context.check_hostname = False
         return context
 
-    def _send_once(self, transaction: Transaction) -> Outcome:
+    def _send_once(
+        self, transaction: Transaction, following: Callable[[], Transaction | None] | None = None
+    ) -> Outcome:
         if self.smtp is None:
             failure = self._open()
             if failure:
                 return Outcome(transaction, failure=failure)
+        prepared = self._prepare(transaction)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return self._send_prepared(transaction, *prepared, following)
+
+    def _prepare(self, transaction: Transaction) -> tuple[str, bytes] | Outcome:
+        """The MAIL FROM command and the message as sent on this session, or why it cannot go."""
         features = self.features
         options = []
         if _needs_smtputf8(transaction):
@@ -400,11 +461,21 @@ class Connection:
             options.append(f"SIZE={len(message)}")
         if features.eight_bit_mime and not message.isascii():
             options.append("BODY=8BITMIME")
-        mail = f"MAIL FROM:<{transaction.sender}>" + "".join(f" {o}" for o in options)
-        self.transactions_in_session += 1
+        return f"MAIL FROM:<{transaction.sender}>" + "".join(f" {o}" for o in options), message
+
+    def _send_prepared(
+        self,
+        transaction: Transaction,
+        mail: str,
+        message: bytes,
+        following: Callable[[], Transaction | None] | None,
+        sent_ahead: bool = False,
+    ) -> Outcome:
+        if not sent_ahead:
+            self.transactions_in_session += 1
         replies: list[tuple[int, bytes]] = []
         try:
-            return self._transact(transaction, mail, message, replies)
+            return self._transact(transaction, mail, message, replies, following, sent_ahead)
         except (smtplib.SMTPException, OSError) as error:
             self.close()
             if replies and replies[0][0] != 250:
@@ -423,19 +494,16 @@ class Connection:
         mail: str,
         message: bytes,
         replies: list[tuple[int, bytes]],
+        following: Callable[[], Transaction | None] | None,
+        written: bool,
     ) -> Outcome:
-        """MAIL, RCPTs and DATA; ``replies`` holds what was read, should the connection fail."""
+        """MAIL, RCPTs and DATA (already ``written`` after the last message, where so);
+        ``replies`` holds what was read, should the connection fail."""
         recipients = transaction.recipients
         pipelining = self.features.pipelining
-        # A few recipients (a personal copy, a default bulk chunk): DATA goes in the
-        # same write. Many: wait for the RCPT replies first, so that a chunk of
-        # unknown users does not cost the server a DATA error too, nor us its
-        # tarpit (RFC 2920 §3.1).
-        data_pipelined = pipelining and len(recipients) <= PIPELINE_DATA_UP_TO
-        commands = [mail, *(f"RCPT TO:<{r}>" for r in recipients)]
-        if data_pipelined:
-            commands.append("DATA")
-        self._exchange(commands, pipelining, replies)
+        commands = _commands(transaction, mail, pipelining)
+        data_pipelined = commands[-1] == "DATA"
+        self._exchange(commands, pipelining, replies, written)
         refused = _refusals(transaction, replies)
         code, reply = replies[-1]
         if code == CLOSING:
@@ -455,10 +523,21 @@ class Connection:
             self._exchange(["DATA"], pipelining, replies)
         code, reply = replies[-1]
         if code == 354:
-            self.smtp.sock.sendall(_dot_stuffed(message))
+            payload = _dot_stuffed(message)
+            ahead = self._take_ahead(following)
+            if ahead is not None and ahead.written:
+                payload += _wire(_commands(ahead.transaction, ahead.mail, pipelining))
+            self.smtp.sock.sendall(payload)
             code, reply = self.smtp.getreply()
         if code != 250:
-            self._end_failed(code)
+            if (
+                self._ahead is not None
+                and self._ahead.written
+                and code not in (UNREADABLE, CLOSING)
+            ):
+                self.last_used = time.monotonic()  # the final reply ended the transaction: no RSET
+            else:
+                self._end_failed(code)
             return Outcome(
                 transaction,
                 refused=refused,
@@ -467,18 +546,40 @@ class Connection:
         self.last_used = time.monotonic()
         return Outcome(transaction, refused=refused)
 
+    def _take_ahead(self, following: Callable[[], Transaction | None] | None) -> _Ahead | None:
+        """The next transaction, if there is one and its commands may follow this message."""
+        if following is None or not self.features.pipelining:
+            return None
+        limit = self.config["MAX_SESSIONS_PER_CONNECTION"]
+        if limit > 0 and self.transactions_in_session >= limit:
+            return None  # it opens a new session
+        transaction = following()
+        if transaction is None:
+            return None
+        prepared = self._prepare(transaction)
+        if isinstance(prepared, Outcome):  # it cannot go on this session: sent, and failed, alone
+            self._ahead = _Ahead(transaction)
+        else:
+            self.transactions_in_session += 1
+            self._ahead = _Ahead(transaction, *prepared, written=True)
+        return self._ahead
+
     def _exchange(
-        self, commands: list[str], pipelining: bool, replies: list[tuple[int, bytes]]
+        self,
+        commands: list[str],
+        pipelining: bool,
+        replies: list[tuple[int, bytes]],
+        written: bool = False,
     ) -> None:
-        """Send ``commands`` and add their replies to ``replies``.
+        """Send ``commands`` (unless ``written`` already) and add their replies to ``replies``.
 
         In one write where the server offers PIPELINING (RFC 2920); without it,
         one at a time, stopping after a refused MAIL FROM. Reading stops at a
         421: the server is closing the session.
         """
         smtp = self.smtp
-        if pipelining:
-            smtp.sock.sendall(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+        if pipelining and not written:
+            smtp.sock.sendall(_wire(commands))
         for command in commands:
             if not pipelining:
                 smtp.sock.sendall(command.encode("utf-8") + b"\r\n")
@@ -750,14 +851,28 @@ class SMTPPool:
 
     @staticmethod
     def _drain(connection: Connection, work: _Work) -> list[Outcome]:
+        """Send what ``work`` gives until it gives nothing; each message's write carries the
+        commands of the transaction after it (:meth:`Connection.send`)."""
         outcomes = []
-        while (transaction := work.take()) is not None:
-            outcome = connection.send(transaction)
+        exhausted = False
+
+        def following() -> Transaction | None:
+            nonlocal exhausted
+            transaction = work.take()
+            exhausted = transaction is None  # work.take said so once: not asked again
+            return transaction
+
+        transaction = following()
+        while transaction is not None:
+            outcome = connection.send(transaction, following)
             if outcome.failure and outcome.failure.concerns_session:
                 if not work.hand_back(transaction):
                     outcomes.append(outcome)
                 break
             outcomes.append(outcome)
+            transaction = connection.ahead()
+            if transaction is None and not exhausted:
+                transaction = following()
         return outcomes
 
     # -- with traffic shaping -----------------------------------------------------------

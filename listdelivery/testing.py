@@ -26,6 +26,10 @@ thread; :meth:`SMTPTestServer.clear` switches them all off again:
     A reply (verbatim) to STARTTLS instead of starting TLS.
 ``drop_data``
     Hang up, without a reply, at the end of DATA this many times.
+``hang_up_after_messages``
+    A session that has had this many messages accepted hangs up right after
+    the last one's 250, reading nothing more (a server at its per-session
+    limit that leaves without a 421).
 ``delay`` / ``rcpt_delay``
     Seconds to wait before the reply to DATA / before each reply to RCPT.
 ``max_line_length``
@@ -131,6 +135,9 @@ class ReceivedMessage:
     connection: int
     #: ``time.monotonic()`` when the server accepted the message.
     received_at: float = 0.0
+    #: Whether the client had already sent more (the next transaction's commands, with
+    #: PIPELINING) when the message ended, before the server's reply to it.
+    followed_by_commands: bool = False
 
     @property
     def message(self) -> email.message.Message:
@@ -259,15 +266,21 @@ class _Handler:
         reply = owner.fail_data
         if reply is not None:
             return reply
-        return owner._accept(
+        reply = owner._accept(
             ReceivedMessage(
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
                 content=envelope.original_content,
                 mail_options=list(envelope.mail_options),
                 connection=smtp.connection_number,
+                followed_by_commands=smtp.has_unread_input(),
             )
         )
+        if reply.startswith("250"):
+            smtp.accepted += 1
+            limit = owner.hang_up_after_messages
+            smtp.hang_up_after_reply = limit is not None and smtp.accepted >= limit
+        return reply
 
 
 class _SMTP(SMTP):
@@ -292,6 +305,8 @@ class _SMTP(SMTP):
         self._open = False
         self._error_replies = 0
         self._hung_up = False
+        self.accepted = 0  # messages of this session
+        self.hang_up_after_reply = False
         self._smtp_methods = {
             name: self._unless_too_many_errors(method)
             for name, method in self._smtp_methods.items()
@@ -357,6 +372,12 @@ class _SMTP(SMTP):
         if first in ("4", "5", b"4", b"5"):
             self._error_replies += 1
         await super().push(status)
+        if self.hang_up_after_reply:
+            self._hang_up()
+
+    def has_unread_input(self) -> bool:
+        """Whether the client's bytes after the current line are already here, unread."""
+        return bool(getattr(self._reader, "_buffer", b""))
 
     def _unless_too_many_errors(
         self, method: Callable[[str | None], Awaitable[None]]
@@ -479,6 +500,7 @@ class SMTPTestServer:
         self.fail_data: str | None = None
         self.fail_starttls: str | None = None
         self.drop_data = 0
+        self.hang_up_after_messages: int | None = None
         self.delay = 0.0
         self.rcpt_delay = 0.0
         self.max_line_length: int | None = None

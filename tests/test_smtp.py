@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import smtplib
 import ssl
@@ -476,3 +477,77 @@ def test_any_message_arrives_as_wire_safe_made_it(sink, message):
         expected += b"\r\n"
     assert outcome.failure is None
     assert server.messages[-1].content == expected
+
+
+# -- each message's write carries the next transaction's commands (RFC 2920 §3.1) --------------
+
+
+def test_each_message_goes_with_the_next_transactions_commands(smtpd):
+    with SMTPPool(config_for(smtpd)) as pool:
+        outcomes = pool.send_all(transaction(f"r{i}@example.com") for i in range(5))
+
+    assert [o.failure for o in outcomes] == [None] * 5
+    assert [m.rcpt_tos for m in smtpd.messages] == [[f"r{i}@example.com"] for i in range(5)]
+    # The last message had nothing after it; every other one had the next MAIL FROM behind it.
+    assert [m.followed_by_commands for m in smtpd.messages] == [True] * 4 + [False]
+    assert smtpd.connections == 1
+
+
+def test_without_pipelining_each_transaction_waits_for_the_last_ones_reply():
+    with SMTPTestServer(pipelining=False) as server, SMTPPool(config_for(server)) as pool:
+        outcomes = pool.send_all(transaction(f"r{i}@example.com") for i in range(3))
+
+        assert [o.failure for o in outcomes] == [None] * 3
+        assert [m.followed_by_commands for m in server.messages] == [False] * 3
+
+
+def test_a_session_that_ends_after_a_message_sends_the_next_on_a_new_one(smtpd):
+    """The next transaction's commands went after the message into a session that was
+    leaving: nothing of it was accepted, so it goes again, not as a failure."""
+    smtpd.hang_up_after_messages = 2
+    with SMTPPool(config_for(smtpd)) as pool:
+        outcomes = pool.send_all(transaction(f"r{i}@example.com") for i in range(5))
+
+    assert [o.failure for o in outcomes] == [None] * 5
+    assert sorted(r for m in smtpd.messages for r in m.rcpt_tos) == [
+        f"r{i}@example.com" for i in range(5)
+    ]
+    assert smtpd.connections == 3
+
+
+def test_a_message_lost_with_its_session_fails_alone_and_the_next_goes_on_a_new_one(smtpd):
+    smtpd.drop_data = 1  # no reply to the first message's end: its fate is unknown
+    with SMTPPool(config_for(smtpd)) as pool:
+        first, second, third = pool.send_all(transaction(f"r{i}@example.com") for i in range(3))
+
+    assert first.failure.stage == "data" and first.failure.code is None
+    assert first.undelivered == ["r0@example.com"]
+    assert second.failure is None and third.failure is None
+    assert [m.rcpt_tos for m in smtpd.messages] == [["r1@example.com"], ["r2@example.com"]]
+    assert smtpd.connections == 2
+
+
+def test_a_refused_message_leaves_the_next_one_alone(smtpd):
+    """The final reply to a message ends its transaction: the next one's commands, already
+    sent behind it, are answered in turn (no RSET between them would be)."""
+    smtpd.quota = 1
+    with SMTPPool(config_for(smtpd)) as pool:
+        first, second, third = pool.send_all(transaction(f"r{i}@example.com") for i in range(3))
+        smtpd.quota = None
+        fourth = pool.send_all([transaction("r3@example.com")])[0]
+
+    assert first.failure is None and fourth.failure is None
+    quota = Failure("data", 454, "4.7.0 Throttling failure: Daily message quota exceeded.")
+    assert second.failure == quota and third.failure == quota
+    assert [m.rcpt_tos for m in smtpd.messages] == [["r0@example.com"], ["r3@example.com"]]
+    assert smtpd.connections == 1
+
+
+def test_the_session_limit_is_kept_with_transactions_taken_ahead(smtpd):
+    with SMTPPool(config_for(smtpd, MAX_SESSIONS_PER_CONNECTION=2)) as pool:
+        outcomes = pool.send_all(transaction(f"r{i}@example.com") for i in range(5))
+
+    assert [o.failure for o in outcomes] == [None] * 5
+    assert smtpd.connections == 3
+    by_session = collections.Counter(m.connection for m in smtpd.messages)
+    assert sorted(by_session.values()) == [1, 2, 2]
