@@ -551,3 +551,16 @@ def test_the_session_limit_is_kept_with_transactions_taken_ahead(smtpd):
     assert smtpd.connections == 3
     by_session = collections.Counter(m.connection for m in smtpd.messages)
     assert sorted(by_session.values()) == [1, 2, 2]
+
+
+def test_after_a_421_to_a_message_the_next_goes_on_a_new_session(smtpd):
+    """A 421 ends the session whatever the server does next: the commands sent behind the
+    message are not read there, and the next transaction starts again on a new session."""
+    smtpd.fail_data = "421 4.3.2 Service shutting down"
+    with SMTPPool(config_for(smtpd)) as pool:
+        first, second = pool.send_all(transaction(f"r{i}@example.com") for i in range(2))
+
+    closing = Failure("data", 421, "4.3.2 Service shutting down")
+    assert first.failure == closing and second.failure == closing
+    assert smtpd.connections == 2
+    assert smtpd.messages == []
