@@ -119,6 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: an eighth of its members)",
     )
     parser.add_argument(
+        "--parallel-connections",
+        type=int,
+        default=2,
+        help="SMTP_CONNECTIONS of each runner process of the parallel scenario (default 2)",
+    )
+    parser.add_argument(
         "--json",
         default="bench-results/latest.json",
         metavar="PATH",
@@ -159,7 +165,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in sizes.items():
         if getattr(options, key) is None:
             setattr(options, key, value)
-    for key in (*sizes, "baseline_messages", "parallel_members", "shard_size"):
+    for key in (
+        *sizes,
+        "baseline_messages",
+        "parallel_members",
+        "parallel_connections",
+        "shard_size",
+    ):
         value = getattr(options, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")

@@ -1,7 +1,8 @@
 """Parallel: the personalized post (full personalization, VERP, a member footer and the
 one-click link) to ``--parallel-members`` members (20,000; 2,000 with ``--quick``), delivered by
 ONE runner process, then, queued afresh, by TWO runner processes started together on the same
-database (:mod:`bench.workers`), each with ``SMTP_CONNECTIONS`` 2 and ``CLAIM_BATCH`` 1.
+database (:mod:`bench.workers`), each with ``SMTP_CONNECTIONS`` ``--parallel-connections`` (2) and
+``CLAIM_BATCH`` 1.
 
 Two processes can share one post only where it is split into shards (``SHARD_SIZE``): when
 listdelivery has that setting, the post is queued with ``--shard-size`` (default: an eighth of
@@ -31,7 +32,6 @@ from bench.workers import added_up, deliver_together
 
 FULL_MEMBERS = 20_000
 QUICK_MEMBERS = 2_000
-CONNECTIONS = 2  # per worker
 SHARDS = 8  # the default --shard-size is the members over this
 TARGET_TWO_OVER_ONE = 1.7
 TARGET_TWO = 3.5
@@ -55,7 +55,7 @@ def worker_settings(bench: Bench, n: int) -> dict[str, Any]:
     settings = {
         "SMTP_HOST": bench.sink.host,
         "SMTP_PORT": bench.sink.port,
-        "SMTP_CONNECTIONS": CONNECTIONS,
+        "SMTP_CONNECTIONS": bench.options.parallel_connections,
         "CLAIM_BATCH": 1,
         "ENQUEUE_TASKS": False,
         **PERSONALIZED_SETTINGS,
