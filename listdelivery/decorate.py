@@ -33,13 +33,13 @@ from email import quoprimime
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import quote, specialsre
-from functools import cached_property
+from functools import cached_property, lru_cache
 from string import Template
 
 from django.utils.encoding import iri_to_uri
 
 from .tokens import make_token
-from .wire import MAX_LINE, crlf, encoded_words, header_fields, ready, wire_safe
+from .wire import MAX_LINE, crlf, encoded_words, header_fields, plain_fields, ready, wire_safe
 
 MEMBER_NAMES = (
     "member",
@@ -243,17 +243,68 @@ def attach(
         return message
     texts = _Texts(slots, quoted_printable)
     eol, lines, body = split(crlf(message))
-    parsed = BytesHeaderParser().parsebytes(b"".join(lines) + eol)
-    content_type = parsed.get_content_type()
-    if content_type == "text/plain" and not parsed.is_multipart():
-        decorated = _around_text(lines, body, parsed, header, footer, texts)
+    content = _Content.of(b"".join(lines) + eol)
+    if content.type == "text/plain":
+        decorated = _around_text(lines, body, content, header, footer, texts)
         if decorated is not None:
             return decorated
-    elif content_type == "multipart/mixed" and parsed.get_boundary():
-        decorated = _inside_mixed(body, parsed.get_boundary(), header, footer, texts)
+    elif content.type == "multipart/mixed" and content.boundary:
+        decorated = _inside_mixed(body, content.boundary, header, footer, texts)
         if decorated is not None:
             return join(CRLF, lines, decorated)
     return _wrapped(lines, body, header, footer, texts)
+
+
+class _Content:
+    """What decoration reads of a post's header block, as the email package reads it.
+
+    Each fact is read when first asked, as from the parsed header block. A plain block
+    (:func:`~listdelivery.wire.plain_fields`) is not parsed: its Content-Type and
+    Content-Transfer-Encoding alone say it all, and posts of one mail program share them.
+    """
+
+    def __init__(self, parsed: Message) -> None:
+        self._parsed = parsed
+
+    @classmethod
+    def of(cls, head: bytes) -> _Content:
+        fields = plain_fields(head)
+        if fields is None:
+            return cls(BytesHeaderParser().parsebytes(head))
+        return _plain_content(fields.get("content-type"), fields.get("content-transfer-encoding"))
+
+    @cached_property
+    def type(self) -> str:
+        return self._parsed.get_content_type()
+
+    @cached_property
+    def boundary(self) -> str | None:
+        return self._parsed.get_boundary()
+
+    @cached_property
+    def transfer_encoding(self) -> str:
+        return str(self._parsed.get("content-transfer-encoding", "7bit")).strip().lower()
+
+    @cached_property
+    def charset(self) -> str:
+        return self._parsed.get_content_charset("us-ascii")
+
+    @cached_property
+    def declared(self) -> str:
+        """The Content-Type field on one line ("" without one)."""
+        return one_line(str(self._parsed.get("content-type", "")))
+
+
+@lru_cache(maxsize=64)
+def _plain_content(content_type: str | None, transfer_encoding: str | None) -> _Content:
+    holder = Message()
+    for name, value in (
+        ("Content-Type", content_type),
+        ("Content-Transfer-Encoding", transfer_encoding),
+    ):
+        if value is not None:
+            holder.set_raw(name, value)
+    return _Content(holder)
 
 
 class _Texts:
@@ -306,9 +357,9 @@ def _qp(text: str) -> str:
     return quoprimime.body_encode(text.encode("utf-8", "replace").decode("latin-1"), 76, "\r\n")
 
 
-def _decoded_body(body: bytes, parsed: Message) -> str | None:
+def _decoded_body(body: bytes, content: _Content) -> str | None:
     """The body as text, or ``None`` when it cannot be decoded without loss (Mailman then wraps)."""
-    encoding = str(parsed.get("content-transfer-encoding", "7bit")).strip().lower()
+    encoding = content.transfer_encoding
     if encoding == "base64":
         data = _WHITESPACE.sub(b"", body)
         if len(data) % 4 == 1:
@@ -324,14 +375,14 @@ def _decoded_body(body: bytes, parsed: Message) -> str | None:
     else:
         return None
     try:
-        text = raw.decode(parsed.get_content_charset("us-ascii"))
+        text = raw.decode(content.charset)
     except (LookupError, UnicodeError, ValueError):
         return None
     return _LINE_END.sub("\n", text)  # as wire.py: stray CRs before a line end are no line
 
 
-def _around_text(lines, body, parsed, header, footer, texts: _Texts) -> bytes | None:
-    text = _decoded_body(body, parsed)
+def _around_text(lines, body, content: _Content, header, footer, texts: _Texts) -> bytes | None:
+    text = _decoded_body(body, content)
     if text is None:
         return None
     # Mailman's separators: a line break after a header that lacks one, and before
@@ -347,17 +398,17 @@ def _around_text(lines, body, parsed, header, footer, texts: _Texts) -> bytes | 
     ]
     kept += [
         b"MIME-Version: 1.0\r\n",
-        field_line("Content-Type", _content_type(parsed, charset)),
+        field_line("Content-Type", _content_type(content.declared, charset)),
         f"Content-Transfer-Encoding: {cte}\r\n".encode(),
     ]
     return join(CRLF, kept, payload)
 
 
-def _content_type(parsed: Message, charset: str) -> str:
-    """The post's Content-Type with the new charset; other parameters (``format=flowed``,
-    ``delsp``) are kept."""
+@lru_cache(maxsize=64)
+def _content_type(original: str, charset: str) -> str:
+    """The post's Content-Type (on one line) with the new charset; other parameters
+    (``format=flowed``, ``delsp``) are kept."""
     fallback = f'text/plain; charset="{charset}"'
-    original = one_line(str(parsed.get("content-type", "")))
     if not original.isascii() or not original:
         return fallback
     try:

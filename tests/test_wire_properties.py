@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from email import policy
 from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
 
 import pytest
 from django.test import override_settings
@@ -32,7 +33,7 @@ from listdelivery.decorate import Decoration, list_headers
 from listdelivery.models import Member, OutgoingMessage, Personalization
 from listdelivery.personalize import PersonalTemplate
 from listdelivery.testing import SMTPTestServer
-from listdelivery.wire import wire_safe
+from listdelivery.wire import plain_fields, wire_safe
 
 from .conftest import queue_post, run
 
@@ -301,6 +302,38 @@ def test_decoration_and_wire_safe_keep_every_copy_valid_and_whole(post, decorati
                 assert "member@example.org" in member_texts(message)
             if kind == "stranger" and USER_ADDRESS.search(footer):
                 assert "$user_address" in member_texts(message)
+
+
+#: Pieces of header blocks, plain and not: every kind of line end, names with a space, 8-bit.
+HEADER_NAMES = st.sampled_from(
+    ["From", "Content-Type", "content-type", "To", "X-A", "A b", "From ", ""]
+)
+HEADER_PIECES = st.sampled_from(
+    ["", " ", "\t", "x", "text/plain", '; charset="x"', ":", "\x0c", "\x1c", "\r", "\n", "é"]
+)
+
+
+@st.composite
+def header_blocks(draw) -> bytes:
+    eol = draw(st.sampled_from(["\n", "\r\n"]))
+    lines = []
+    for field in range(draw(st.integers(0, 6))):
+        value = "".join(draw(st.lists(HEADER_PIECES, max_size=4)))
+        continued = field and draw(st.booleans())
+        lines.append(" " + value if continued else f"{draw(HEADER_NAMES)}:{value}")
+    body = draw(st.sampled_from(["", "body\n", "\nX: y\n"]))
+    ending = draw(st.sampled_from([eol + eol, eol, ""]))
+    return (eol.join(lines) + ending + body).encode("utf-8", "surrogateescape")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(message=header_blocks())
+def test_plain_fields_read_what_the_email_parser_reads_or_decline(message):
+    fields = plain_fields(message)
+    if fields is None:
+        return  # the parser's to read
+    parsed = BytesHeaderParser().parsebytes(message)
+    assert fields == {name.lower(): parsed.get(name) for name in reversed(parsed.keys())}
 
 
 # -- through a real runner and SMTP server, fewer examples -----------------------------------------
