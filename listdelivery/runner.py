@@ -55,6 +55,7 @@ from .models import (
 from .progress import Progress
 from .rules import PostFailure, Verdicts, judge, storable_code, storable_text
 from .smtp import SMTPPool
+from .wire import plain_fields
 
 logger = logging.getLogger(__name__)
 smtp_log = logging.getLogger("listdelivery.smtp")
@@ -361,8 +362,8 @@ class OutgoingRunner:
             self._discard(lease, summary, f"the mailing list {row.list_id} was deleted")
             return
         raw = row.raw
-        headers = BytesHeaderParser().parsebytes(raw)
-        if not headers.keys():
+        headers = _header_values(raw)
+        if not headers:
             self._discard(lease, summary, "the message has no header fields: it is not a post")
             return
         metadata = dict(row.metadata) if isinstance(row.metadata, dict) else {}
@@ -986,13 +987,15 @@ class OutgoingRunner:
         self,
         row: OutgoingMessage,
         post: Post,
-        headers: Any,
+        headers: dict[str, Any],
         tally: Counter[str],
         refusals: Sequence[tuple[str, int | None, str]],
         post_failure: tuple[str, str] | None,
         seconds: float,
     ) -> None:
         """Mailman's four smtp.log lines: every, success or refused, and one per failure."""
+        if not smtp_log.isEnabledFor(logging.INFO):
+            return
         msgid = post.message_id or "n/a"
         attempted = sum(
             tally[s] for s in (RStatus.SENT, RStatus.DEFERRED, RStatus.BOUNCED, RStatus.FAILED)
@@ -1004,8 +1007,7 @@ class OutgoingRunner:
             attempted,
             seconds,
         )
-        senders = getaddresses([str(headers.get("from", ""))])
-        sender = senders[0][1] if senders and senders[0][1] else post.sender
+        sender = _address_of(str(headers.get("from", ""))) or post.sender
         size = len(post.message)
         if post_failure:
             return  # logged once at error level by _finish, not once per recipient
@@ -1085,6 +1087,22 @@ def _unsubscribe_path() -> str:
         return reverse("listdelivery:unsubscribe", args=["TOKEN"]).replace("TOKEN", "{token}")
     except NoReverseMatch:
         return "/unsubscribe/{token}/"
+
+
+def _header_values(raw: bytes) -> dict[str, Any]:
+    """The first value of each header field, by lowercased name, as the email package reads it."""
+    values = plain_fields(raw)
+    if values is None:  # not plain: the parser says (a value may be a Header)
+        parsed = BytesHeaderParser().parsebytes(raw)
+        values = {name.lower(): parsed.get(name) for name in reversed(parsed.keys())}
+    return values
+
+
+@lru_cache(maxsize=256)  # a list's posts come from few people
+def _address_of(field: str) -> str:
+    """The first address of a From field ("" when there is none)."""
+    found = getaddresses([field])
+    return found[0][1] if found else ""
 
 
 def _label(row: OutgoingMessage) -> str:
