@@ -121,23 +121,27 @@ def _choose(candidates: QuerySet[OutgoingMessage], count: int) -> tuple[list[int
     taken are locked, so a runner claiming at the same moment takes the next shard
     instead of finding every one locked.
     """
-    first = list(candidates.values_list("parent_id", flat=True)[:1])
+    locking = connection.features.has_select_for_update_skip_locked
+    first = list(candidates.values_list("id", "parent_id")[:count])
     if not first:
         return [], []
-    shards = candidates.filter(parent__isnull=False)
-    posts = candidates.filter(parent__isnull=True)
-    if connection.features.has_select_for_update_skip_locked:
-        shards = shards.select_for_update(skip_locked=True, of=("self",))
-        posts = posts.select_for_update(skip_locked=True, of=("self",))
+    if not locking and all(parent is None for _, parent in first):
+        return [pk for pk, _ in first], []  # no shard among them: what some_posts would read
+
+    def locked(rows: QuerySet[OutgoingMessage]) -> QuerySet[OutgoingMessage]:
+        return rows.select_for_update(skip_locked=True, of=("self",)) if locking else rows
 
     def one_shard() -> tuple[list[int], list[int]]:
+        shards = locked(candidates.filter(parent__isnull=False))
         taken = list(shards.values_list("id", "parent_id")[:1])
         return [pk for pk, _ in taken], [parent for _, parent in taken]
 
     def some_posts() -> tuple[list[int], list[int]]:
+        posts = locked(candidates.filter(parent__isnull=True))
         return list(posts.values_list("id", flat=True)[:count]), []
 
-    for take in (one_shard, some_posts) if first != [None] else (some_posts, one_shard):
+    shard_first = first[0][1] is not None
+    for take in (one_shard, some_posts) if shard_first else (some_posts, one_shard):
         ids, parents = take()
         if ids:  # none when others hold them all right now
             return ids, parents
