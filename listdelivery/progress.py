@@ -19,9 +19,10 @@ from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Count, F
+from django.db.models import Count
 from django.utils import timezone
 
+from . import statements
 from .models import DeliveryHour, OutgoingMessage, OutgoingRecipient
 
 logger = logging.getLogger(__name__)
@@ -148,10 +149,7 @@ def add_to_hour(list_id: str, sent: int = 0, bounced: int = 0, failed: int = 0) 
 
 def _add_to_hour(list_id: str, sent: int, bounced: int, failed: int) -> None:
     hour = hour_of(timezone.now())
-    row = DeliveryHour.objects.filter(hour=hour, list_id=list_id)
-    increments = {"sent": F("sent") + sent, "bounced": F("bounced") + bounced}
-    increments["failed"] = F("failed") + failed
-    if row.update(**increments):
+    if statements.add_to_hour(hour, list_id, sent, bounced, failed):
         return
     try:
         with transaction.atomic():
@@ -159,5 +157,5 @@ def _add_to_hour(list_id: str, sent: int, bounced: int, failed: int) -> None:
                 hour=hour, list_id=list_id, sent=sent, bounced=bounced, failed=failed
             )
     except IntegrityError:  # another runner made the hour's row first, or the write failed
-        if not row.update(**increments):
+        if not statements.add_to_hour(hour, list_id, sent, bounced, failed):
             raise

@@ -37,7 +37,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import conf, progress, redact, rules, shards, signals
+from . import conf, progress, redact, rules, shards, signals, statements
 from .addresses import address_problem
 from .bounces import score_bounces
 from .decorate import Decoration, list_headers
@@ -624,7 +624,11 @@ class OutgoingRunner:
                     kept = self._end(lease, summary, ending, **unsaved)
                 else:
                     fields = {"leased_until": lease.expiry(), **tracked.fields()}
-                    kept = lease.fenced().update(updated_at=timezone.now(), **fields, **unsaved)
+                    kept = statements.update_fenced(
+                        lease.row.pk,
+                        lease.token,
+                        {"updated_at": timezone.now(), **fields, **unsaved},
+                    )
                     if kept and lease.row.is_shard:
                         shards.add_progress(lease.row.parent_id, tracked.changes(fields), fields)
         except DatabaseError:
@@ -1051,16 +1055,8 @@ def _announce(row: OutgoingMessage, ending: Ending) -> None:
 
 def _record_sent(ids: list[int]) -> int:
     """What the server accepted is a fact, whoever holds the post now: never fenced."""
-    changed = 0
-    for chunk in _chunks(ids):
-        changed += (
-            OutgoingRecipient.objects.filter(id__in=chunk)
-            .exclude(status=RStatus.SENT)
-            .update(
-                status=RStatus.SENT, smtp_code=None, smtp_message="", finished_at=timezone.now()
-            )
-        )
-    return changed
+    now = timezone.now()
+    return sum(statements.mark_sent(chunk, now) for chunk in _chunks(ids))
 
 
 _STOPPED = {

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 from django.utils import timezone
 
-from . import rules
+from . import rules, statements
 from .models import OutgoingMessage, OutgoingRecipient
 
 Status = OutgoingMessage.Status
@@ -94,13 +93,16 @@ def add_progress(post_id: int, moved: dict[str, int], fields: dict[str, Any]) ->
     never "stalled"). The next :func:`rollup` (at a shard's ending) writes them
     all again from the shards.
     """
-    rate = moved.pop("rate")
-    OutgoingMessage.objects.filter(pk=post_id).update(
-        **{name: F(name) + change for name, change in moved.items() if change},
-        rate=Coalesce(F("rate"), 0.0) + rate,
-        finish_estimate=fields["finish_estimate"],
-        leased_until=fields["leased_until"],
-        updated_at=timezone.now(),
+    increments = {name: change for name, change in moved.items() if change}
+    increments["rate"] = moved["rate"]  # also where the post's rate was empty
+    statements.add_to_post(
+        post_id,
+        increments,
+        {
+            "finish_estimate": fields["finish_estimate"],
+            "leased_until": fields["leased_until"],
+            "updated_at": timezone.now(),
+        },
     )
 
 

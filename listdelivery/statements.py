@@ -1,0 +1,126 @@
+"""The statements written at every checkpoint, their SQL built once.
+
+The ORM builds a query anew on every call: for these UPDATEs, run once per
+batch of a big post and once per claim of small posts, building took longer
+than the database took to run them. Each is the UPDATE the ORM would write,
+with its values prepared by the model fields as the ORM prepares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from django.db import connection
+from django.db.models import Model
+
+from .models import DeliveryHour, OutgoingMessage, OutgoingRecipient
+
+SENT = OutgoingRecipient.Status.SENT
+
+
+def mark_sent(ids: Sequence[int], now: datetime) -> int:
+    """Recipients ``ids`` accepted, unless already so; how many changed."""
+    sql = _mark_sent_sql(len(ids), connection.vendor)
+    return _execute(sql, [SENT, _value(OutgoingRecipient, "finished_at", now), *ids, SENT])
+
+
+def add_to_hour(hour: datetime, list_id: str, sent: int, bounced: int, failed: int) -> int:
+    """Add to an hour's totals; 0 if its row is not there yet."""
+    sql = _add_to_hour_sql(connection.vendor)
+    return _execute(sql, [sent, bounced, failed, _value(DeliveryHour, "hour", hour), list_id])
+
+
+def update_fenced(pk: int, token: str, fields: dict[str, Any]) -> int:
+    """``fields`` (plain values) on post ``pk`` while the lease ``token`` holds it; rows changed."""
+    names = tuple(fields)
+    sql = _fenced_sql(names, connection.vendor)
+    values = [_value(OutgoingMessage, name, fields[name]) for name in names]
+    return _execute(sql, [*values, pk, token, *OutgoingMessage.WAITING])
+
+
+def add_to_post(pk: int, increments: dict[str, float], fields: dict[str, Any]) -> int:
+    """Add ``increments`` to post ``pk``'s counters (``rate`` from NULL as 0), and set ``fields``."""
+    added, names = tuple(increments), tuple(fields)
+    sql = _add_to_post_sql(added, names, connection.vendor)
+    values = [_value(OutgoingMessage, name, fields[name]) for name in names]
+    return _execute(sql, [*(increments[name] for name in added), *values, pk])
+
+
+def _execute(sql: str, params: list[Any]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _value(model: type[Model], name: str, value: Any) -> Any:
+    return model._meta.get_field(name).get_db_prep_save(value, connection)
+
+
+def _table(model: type[Model]) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _columns(model: type[Model], names: Iterable[str]) -> list[str]:
+    quote = connection.ops.quote_name
+    return [quote(model._meta.get_field(name).column) for name in names]
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+# The vendor is part of each key: quoting differs between databases.
+
+
+@lru_cache(maxsize=64)
+def _mark_sent_sql(count: int, vendor: str) -> str:
+    status, code, text, finished = _columns(
+        OutgoingRecipient, ("status", "smtp_code", "smtp_message", "finished_at")
+    )
+    return (
+        f"UPDATE {_table(OutgoingRecipient)} SET {status} = %s, {code} = NULL, {text} = '', "
+        f"{finished} = %s WHERE {_columns(OutgoingRecipient, ['id'])[0]} IN "
+        f"({_placeholders(count)}) AND NOT ({status} = %s)"
+    )
+
+
+@lru_cache(maxsize=4)
+def _add_to_hour_sql(vendor: str) -> str:
+    sent, bounced, failed, hour, list_id = _columns(
+        DeliveryHour, ("sent", "bounced", "failed", "hour", "list_id")
+    )
+    return (
+        f"UPDATE {_table(DeliveryHour)} SET {sent} = {sent} + %s, "
+        f"{bounced} = {bounced} + %s, {failed} = {failed} + %s "
+        f"WHERE {hour} = %s AND {list_id} = %s"
+    )
+
+
+def _fenced(vendor: str) -> str:
+    pk, token, status = _columns(OutgoingMessage, ("id", "lease_token", "status"))
+    return (
+        f"WHERE {pk} = %s AND {token} = %s "
+        f"AND {status} IN ({_placeholders(len(OutgoingMessage.WAITING))})"
+    )
+
+
+@lru_cache(maxsize=64)
+def _fenced_sql(names: tuple[str, ...], vendor: str) -> str:
+    assignments = ", ".join(f"{column} = %s" for column in _columns(OutgoingMessage, names))
+    return f"UPDATE {_table(OutgoingMessage)} SET {assignments} {_fenced(vendor)}"
+
+
+@lru_cache(maxsize=64)
+def _add_to_post_sql(added: tuple[str, ...], names: tuple[str, ...], vendor: str) -> str:
+    increments = [
+        f"{column} = COALESCE({column}, 0) + %s" for column in _columns(OutgoingMessage, added)
+    ]
+    assignments = [f"{column} = %s" for column in _columns(OutgoingMessage, names)]
+    pk = _columns(OutgoingMessage, ["id"])[0]
+    return (
+        f"UPDATE {_table(OutgoingMessage)} SET {', '.join(increments + assignments)} "
+        f"WHERE {pk} = %s"
+    )
