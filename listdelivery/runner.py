@@ -512,14 +512,7 @@ class OutgoingRunner:
             if known.complete:
                 return
         while True:
-            page = (
-                row.recipient_rows()
-                .filter(status__in=OutgoingRecipient.OPEN, id__gt=cursor)
-                .order_by("id")
-                .values_list("id", "address", "status")
-            )
-            if batch_size:
-                page = page[:batch_size]
+            page = statements.open_recipients(row, cursor, batch_size or None)
             batch = {}
             for pk, address, status in page:
                 batch[address] = pk
@@ -542,10 +535,9 @@ class OutgoingRunner:
         """
         if not individual:
             return [Recipient(address) for address in batch]
-        found = Member.objects.filter(mailing_list=mlist, address__in=list(batch))
         members = {
             address.casefold(): (name, pk)
-            for address, name, pk in found.values_list("address", "display_name", "pk")
+            for address, name, pk in statements.members(mlist.pk, list(batch))
         }
         others = [a.lower() for a in batch if a.casefold() not in members]
         if others:  # rare: an address not written as the member's (no index serves this)

@@ -1,9 +1,10 @@
-"""The statements written at every checkpoint, their SQL built once.
+"""The statements of every batch, their SQL built once.
 
-The ORM builds a query anew on every call: for these UPDATEs, run once per
-batch of a big post and once per claim of small posts, building took longer
-than the database took to run them. Each is the UPDATE the ORM would write,
-with its values prepared by the model fields as the ORM prepares them.
+The ORM builds a query anew on every call: for these, run once per batch of
+a big post (its page of recipients, their members, the checkpoint) and once
+per claim of small posts, building took longer than the database took to
+run them. Each is the statement the ORM would write, with its values
+prepared by the model fields as the ORM prepares them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 from django.db import connection
 from django.db.models import Model
 
-from .models import DeliveryHour, OutgoingMessage, OutgoingRecipient
+from .models import DeliveryHour, Member, OutgoingMessage, OutgoingRecipient
 
 SENT = OutgoingRecipient.Status.SENT
 
 
 def mark_sent(ids: Sequence[int], now: datetime) -> int:
     """Recipients ``ids`` accepted, unless already so; how many changed."""
+    if not ids:
+        return 0
     sql = _mark_sent_sql(len(ids), connection.vendor)
     return _execute(sql, [SENT, _value(OutgoingRecipient, "finished_at", now), *ids, SENT])
 
@@ -123,4 +126,57 @@ def _add_to_post_sql(added: tuple[str, ...], names: tuple[str, ...], vendor: str
     return (
         f"UPDATE {_table(OutgoingMessage)} SET {', '.join(increments + assignments)} "
         f"WHERE {pk} = %s"
+    )
+
+
+def open_recipients(row: OutgoingMessage, after: int, limit: int | None) -> list[tuple[Any, ...]]:
+    """``(id, address, status)`` of ``row``'s open recipients past id ``after``, in id order:
+    :meth:`OutgoingMessage.recipient_rows` filtered, one page."""
+    shard = row.parent_id is not None
+    sql = _open_recipients_sql(shard, limit is not None, connection.vendor)
+    params: list[Any] = [row.parent_id if shard else row.pk]
+    if shard:
+        params += [row.first_recipient, row.last_recipient]
+    params += [*OutgoingRecipient.OPEN, after]
+    if limit is not None:
+        params.append(limit)
+    return _fetch(sql, params)
+
+
+def members(list_pk: int, addresses: Sequence[str]) -> list[tuple[Any, ...]]:
+    """``(address, display_name, id)`` of the list's members with exactly these addresses."""
+    if not addresses:
+        return []
+    sql = _members_sql(len(addresses), connection.vendor)
+    return _fetch(sql, [list_pk, *addresses])
+
+
+def _fetch(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+@lru_cache(maxsize=8)
+def _open_recipients_sql(shard: bool, limited: bool, vendor: str) -> str:
+    pk, message, address, status = _columns(
+        OutgoingRecipient, ("id", "message", "address", "status")
+    )
+    where = [f"{message} = %s"]
+    if shard:
+        where += [f"{pk} >= %s", f"{pk} <= %s"]
+    where += [f"{status} IN ({_placeholders(len(OutgoingRecipient.OPEN))})", f"{pk} > %s"]
+    sql = (
+        f"SELECT {pk}, {address}, {status} FROM {_table(OutgoingRecipient)} "
+        f"WHERE {' AND '.join(where)} ORDER BY {pk}"
+    )
+    return sql + " LIMIT %s" if limited else sql
+
+
+@lru_cache(maxsize=64)
+def _members_sql(count: int, vendor: str) -> str:
+    address, name, pk, mlist = _columns(Member, ("address", "display_name", "id", "mailing_list"))
+    return (
+        f"SELECT {address}, {name}, {pk} FROM {_table(Member)} "
+        f"WHERE {mlist} = %s AND {address} IN ({_placeholders(count)})"
     )
