@@ -121,8 +121,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parallel-connections",
         type=int,
-        default=2,
-        help="SMTP_CONNECTIONS of each runner process of the parallel scenario (default 2)",
+        default=1,
+        help="SMTP_CONNECTIONS of each runner process of the parallel scenario (default 1, "
+        "listdelivery's own default)",
     )
     parser.add_argument(
         "--json",

@@ -1,8 +1,9 @@
 """Parallel: the personalized post (full personalization, VERP, a member footer and the
 one-click link) to ``--parallel-members`` members (20,000; 2,000 with ``--quick``), delivered by
 ONE runner process, then, queued afresh, by TWO runner processes started together on the same
-database (:mod:`bench.workers`), each with ``SMTP_CONNECTIONS`` ``--parallel-connections`` (2) and
-``CLAIM_BATCH`` 1.
+database (:mod:`bench.workers`), each with ``SMTP_CONNECTIONS`` ``--parallel-connections`` (1, the default; with
+one round trip a copy a second connection per process costs more in thread switches than it
+saves in waiting) and ``CLAIM_BATCH`` 1.
 
 Two processes can share one post only where it is split into shards (``SHARD_SIZE``): when
 listdelivery has that setting, the post is queued with ``--shard-size`` (default: an eighth of
