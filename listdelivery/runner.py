@@ -823,7 +823,7 @@ class OutgoingRunner:
         """History is worth less than the posts' status: a failed write is logged, not raised."""
         try:
             with transaction.atomic():
-                DeliveryAttempt.objects.bulk_create(attempts)
+                statements.insert(attempts)
         except DatabaseError as error:
             posts = ", ".join(str(attempt.message_id) for attempt in attempts)
             logger.error("Could not record the attempts on post(s) %s: %s", posts, error)

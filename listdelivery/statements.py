@@ -180,3 +180,29 @@ def _members_sql(count: int, vendor: str) -> str:
         f"SELECT {address}, {name}, {pk} FROM {_table(Member)} "
         f"WHERE {mlist} = %s AND {address} IN ({_placeholders(count)})"
     )
+
+
+def insert(objects: Sequence[Model]) -> None:
+    """INSERT ``objects`` (of one model, with an automatic primary key) in one executemany;
+    their primary keys are not read back."""
+    if not objects:
+        return
+    model = type(objects[0])
+    fields = _insert_fields(model)
+    rows = [
+        [field.get_db_prep_save(field.pre_save(obj, True), connection) for field in fields]
+        for obj in objects
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(_insert_sql(model, connection.vendor), rows)
+
+
+def _insert_fields(model: type[Model]) -> list[Any]:
+    return [field for field in model._meta.concrete_fields if not field.primary_key]
+
+
+@lru_cache(maxsize=8)
+def _insert_sql(model: type[Model], vendor: str) -> str:
+    fields = _insert_fields(model)
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    return f"INSERT INTO {_table(model)} ({columns}) VALUES ({_placeholders(len(fields))})"
