@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "SMTP_CONNECTIONS": 1,
     "LEASE_DURATION": timedelta(minutes=5),
     "CHECKPOINT_EVERY": 100,
-    "CLAIM_BATCH": 20,
+    "CLAIM_BATCH": 50,
     # A post to more recipients than this is split into shards that several runners
     # deliver at the same time; 0: never split.
     "SHARD_SIZE": 2500,
@@ -122,7 +122,8 @@ DESCRIPTIONS: dict[str, str] = {
     "takes it over.",
     "CHECKPOINT_EVERY": "SMTP transactions between two saves of progress: the most a crash can "
     "send twice.",
-    "CLAIM_BATCH": "Posts a runner takes from the queue at once.",
+    "CLAIM_BATCH": "Posts a runner takes from the queue at once, as long as they hold no more "
+    "than SHARD_SIZE recipients together (the first is always taken).",
     "SHARD_SIZE": "A post to more recipients than this is split into shards of this many, which "
     "several runners (workers, machines) deliver at the same time; 0: never split.",
     "UNEXPECTED_ERROR_LIMIT": "Attempts in a row ending in an error of listdelivery itself before "

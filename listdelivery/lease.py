@@ -75,18 +75,20 @@ def free() -> Q:
     return Q(leased_until__isnull=True) | Q(leased_until__lt=timezone.now())
 
 
-def claim(due: Q, count: int, duration: timedelta) -> Claim:
+def claim(due: Q, count: int, duration: timedelta, recipients: int = 0) -> Claim:
     """Lease up to ``count`` rows matching ``due`` (and free) to a new token, oldest due first.
 
     A sharded post is never claimed, only its shards, and at most one shard per
-    claim: the other runners take the others at the same time.
+    claim: the other runners take the others at the same time. With ``recipients``
+    (not 0), posts after the first are taken only while the claim's recipients stay
+    within it: many small posts go together, bigger ones are left to other runners.
     """
     now = timezone.now()
     token = uuid.uuid4().hex
     claimable = due & Q(shard_count=0) & (Q(leased_until__isnull=True) | Q(leased_until__lt=now))
     candidates = OutgoingMessage.objects.filter(claimable).order_by("next_attempt_at", "id")
     with transaction.atomic():
-        ids, parents = _choose(candidates, count)
+        ids, parents = _choose(candidates, count, recipients)
         if not ids:
             return Claim(token, [], duration)
         OutgoingMessage.objects.filter(claimable, id__in=ids).update(
@@ -115,7 +117,9 @@ def claim(due: Q, count: int, duration: timedelta) -> Claim:
     return Claim(token, list(rows), duration)
 
 
-def _choose(candidates: QuerySet[OutgoingMessage], count: int) -> tuple[list[int], list[int]]:
+def _choose(
+    candidates: QuerySet[OutgoingMessage], count: int, recipients: int = 0
+) -> tuple[list[int], list[int]]:
     """The ids to claim and the posts of the shards among them, locked where the database can.
 
     One shard when a shard is due first, else up to ``count`` posts. Only the rows
@@ -123,23 +127,24 @@ def _choose(candidates: QuerySet[OutgoingMessage], count: int) -> tuple[list[int
     instead of finding every one locked.
     """
     locking = connection.features.has_select_for_update_skip_locked
-    first = list(candidates.values_list("id", "parent_id")[:count])
+    first = list(candidates.values_list("id", "parent_id", "recipient_count")[:count])
     if not first:
         return [], []
-    if not locking and all(parent is None for _, parent in first):
-        return [pk for pk, _ in first], []  # no shard among them: what some_posts would read
+    if not locking and all(parent is None for _, parent, _ in first):
+        return _within(first, recipients), []  # no shard among them: what some_posts would read
 
     def locked(rows: QuerySet[OutgoingMessage]) -> QuerySet[OutgoingMessage]:
         return rows.select_for_update(skip_locked=True, of=("self",)) if locking else rows
 
     def one_shard() -> tuple[list[int], list[int]]:
         shards = locked(candidates.filter(parent__isnull=False))
-        taken = list(shards.values_list("id", "parent_id")[:1])
-        return [pk for pk, _ in taken], [parent for _, parent in taken]
+        taken = list(shards.values_list("id", "parent_id", "recipient_count")[:1])
+        return [pk for pk, _, _ in taken], [parent for _, parent, _ in taken]
 
     def some_posts() -> tuple[list[int], list[int]]:
         posts = locked(candidates.filter(parent__isnull=True))
-        return list(posts.values_list("id", flat=True)[:count]), []
+        rows = posts.values_list("id", "parent_id", "recipient_count")[:count]
+        return _within(list(rows), recipients), []
 
     shard_first = first[0][1] is not None
     for take in (one_shard, some_posts) if shard_first else (some_posts, one_shard):
@@ -147,6 +152,17 @@ def _choose(candidates: QuerySet[OutgoingMessage], count: int) -> tuple[list[int
         if ids:  # none when others hold them all right now
             return ids, parents
     return [], []
+
+
+def _within(rows: list[tuple[int, int | None, int]], recipients: int) -> list[int]:
+    """The ids of ``rows`` (id, parent, recipients) up to ``recipients`` in all; the first always."""
+    taken, total = [], 0
+    for pk, _, count in rows:
+        total += count
+        if taken and recipients and total > recipients:
+            break
+        taken.append(pk)
+    return taken
 
 
 def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:

@@ -214,7 +214,9 @@ class OutgoingRunner:
                 wanted = config["CLAIM_BATCH"]
                 if self.limit is not None:
                     wanted = min(wanted, self.limit - summary.posts - summary.shards)
-                posts = claim(due, wanted, config["LEASE_DURATION"])
+                posts = claim(
+                    due, wanted, config["LEASE_DURATION"], recipients=config["SHARD_SIZE"]
+                )
                 if not posts.rows:
                     break
                 known = self._prefetch_recipients(posts.rows)

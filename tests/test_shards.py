@@ -344,3 +344,40 @@ def test_a_runner_killed_in_a_shard_repeats_at_most_one_batch(smtpd):
     counts = smtpd.recipients_count()
     assert len(counts) == size
     assert sum(n - 1 for n in counts.values()) <= checkpoint, "more than one batch repeated"
+
+
+@pytest.mark.django_db
+def test_a_claim_of_posts_stops_before_their_recipients_pass_the_shard_size(deliver_to):
+    """Small posts go many to a claim; bigger ones are left for other runners to take."""
+    deliver_to(SHARD_SIZE=10)
+    posts = [queue(list_of(f"claim{i}", size)) for i, size in enumerate([3, 3, 3, 4, 2, 1])]
+    waiting = Q(status__in=OutgoingMessage.WAITING)
+
+    first = lease.claim(waiting, 50, timedelta(minutes=5), recipients=10)
+    second = lease.claim(waiting, 50, timedelta(minutes=5), recipients=10)
+    unbounded = lease.claim(waiting, 50, timedelta(minutes=5))
+
+    assert [r.pk for r in first.rows] == [p.pk for p in posts[:3]]  # 9 recipients; 13 would pass
+    assert [r.pk for r in second.rows] == [p.pk for p in posts[3:6]]  # 4 + 2 + 1
+    assert unbounded.rows == []
+
+
+@pytest.mark.django_db
+def test_a_post_bigger_than_the_bound_is_still_claimed_alone(deliver_to):
+    deliver_to(SHARD_SIZE=0)  # never split: the post is one row of 12 recipients
+    big = queue(list_of("big", 12))
+    small = queue(list_of("small", 2))
+
+    first = lease.claim(Q(status__in=OutgoingMessage.WAITING), 50, timedelta(minutes=5), 10)
+    second = lease.claim(Q(status__in=OutgoingMessage.WAITING), 50, timedelta(minutes=5), 10)
+
+    assert [r.pk for r in first.rows] == [big.pk]
+    assert [r.pk for r in second.rows] == [small.pk]
+
+
+def list_of(name: str, size: int) -> MailingList:
+    mlist = MailingList.objects.create(address=f"{name}@example.com")
+    Member.objects.bulk_create(
+        Member(mailing_list=mlist, address=f"m{i}@example.org") for i in range(size)
+    )
+    return mlist
