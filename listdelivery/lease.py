@@ -54,6 +54,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Case, F, Q, QuerySet, When
 from django.utils import timezone
 
+from . import statements
 from .models import OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -241,15 +242,14 @@ class Lease:
         )
 
     def held(self) -> bool:
-        """Whether we still hold the post: :meth:`fenced` as one read, its SQL built once.
+        """Whether we still hold the post: :meth:`fenced` as one read, its SQL built once
+        (every small post of a claim asks as it starts)."""
+        return statements.held(self.row.pk, self.token)
 
-        Every small post of a claim asks as it starts; building the query with the
-        ORM each time took longer than the database took to answer it.
-        """
-        sql = _held_sql()
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [self.row.pk, self.token, *OutgoingMessage.WAITING])
-            return cursor.fetchone() is not None
+    def write(self, **fields: Any) -> int:
+        """``fields`` (plain values) on the row while we hold it: :meth:`fenced`'s UPDATE, its
+        SQL built once, for a checkpoint; 0 if the post is no longer ours."""
+        return statements.update_fenced(self.row.pk, self.token, fields)
 
     def renew(self, **fields: Any) -> None:
         """Extend the lease, writing ``fields`` in the same fenced UPDATE; :class:`LeaseLost` if gone."""
@@ -283,15 +283,6 @@ class Lease:
 
 
 @functools.cache
-def _held_sql() -> str:
-    meta, quote = OutgoingMessage._meta, connection.ops.quote_name
-    statuses = ", ".join(["%s"] * len(OutgoingMessage.WAITING))
-    return (
-        f"SELECT 1 FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = %s"
-        f" AND lease_token = %s AND status IN ({statuses})"
-    )
-
-
 class Heartbeat:
     """A thread that renews the lease of the post being delivered (invariant 5).
 

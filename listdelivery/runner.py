@@ -618,11 +618,7 @@ class OutgoingRunner:
                     kept = self._end(lease, summary, ending, **unsaved)
                 else:
                     fields = {"leased_until": lease.expiry(), **tracked.fields()}
-                    kept = statements.update_fenced(
-                        lease.row.pk,
-                        lease.token,
-                        {"updated_at": timezone.now(), **fields, **unsaved},
-                    )
+                    kept = lease.write(updated_at=timezone.now(), **fields, **unsaved)
                     if kept and lease.row.is_shard:
                         shards.add_progress(lease.row.parent_id, tracked.changes(fields), fields)
         except DatabaseError:

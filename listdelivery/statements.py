@@ -36,6 +36,14 @@ def add_to_hour(hour: datetime, list_id: str, sent: int, bounced: int, failed: i
     return _execute(sql, [sent, bounced, failed, _value(DeliveryHour, "hour", hour), list_id])
 
 
+def held(pk: int, token: str) -> bool:
+    """Whether post ``pk`` is still held under the lease ``token``."""
+    sql = _held_sql(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [pk, token, *OutgoingMessage.WAITING])
+        return cursor.fetchone() is not None
+
+
 def update_fenced(pk: int, token: str, fields: dict[str, Any]) -> int:
     """``fields`` (plain values) on post ``pk`` while the lease ``token`` holds it; rows changed."""
     names = tuple(fields)
@@ -108,6 +116,11 @@ def _fenced(vendor: str) -> str:
         f"WHERE {pk} = %s AND {token} = %s "
         f"AND {status} IN ({_placeholders(len(OutgoingMessage.WAITING))})"
     )
+
+
+@lru_cache(maxsize=4)
+def _held_sql(vendor: str) -> str:
+    return f"SELECT 1 FROM {_table(OutgoingMessage)} {_fenced(vendor)}"
 
 
 @lru_cache(maxsize=64)
