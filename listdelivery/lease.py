@@ -282,7 +282,6 @@ class Lease:
         return timezone.now() + self.duration
 
 
-@functools.cache
 class Heartbeat:
     """A thread that renews the lease of the post being delivered (invariant 5).
 
