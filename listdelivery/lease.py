@@ -41,9 +41,7 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import logging
-import operator
 import threading
 import time
 import uuid
@@ -92,15 +90,7 @@ def claim(due: Q, count: int, duration: timedelta, recipients: int = 0) -> Claim
         ids, parents = _choose(candidates, count, recipients)
         if not ids:
             return Claim(token, [], duration)
-        OutgoingMessage.objects.filter(claimable, id__in=ids).update(
-            lease_token=token,
-            leased_until=now + duration,
-            attempts=F("attempts") + 1,
-            status=OutgoingMessage.Status.SENDING,
-            sending_since=now,
-            rate=None,
-            finish_estimate=None,
-        )
+        statements.take(ids, token, now, now + duration)
         if parents:  # the post is being delivered as soon as one of its shards is
             sending = OutgoingMessage.Status.SENDING
             OutgoingMessage.objects.filter(
@@ -174,25 +164,16 @@ def release(queryset: QuerySet[OutgoingMessage], **fields: Any) -> int:
     return queryset.update(**UNLEASED, **fields)
 
 
-def fenced_all(leases: list[Lease]) -> QuerySet[OutgoingMessage]:
-    """The rows of ``leases`` we still hold: :meth:`Lease.fenced` for several at once."""
-    tokens = dict.fromkeys(lease.token for lease in leases)
-    groups = [
-        Q(pk__in=[lease.row.pk for lease in leases if lease.token == token], lease_token=token)
-        for token in tokens
-    ]
-    # No OR for the usual one token: SQLite then finds the rows by their ids instead of
-    # scanning every waiting post through the status index.
-    still = functools.reduce(operator.or_, groups) if groups else Q(pk__in=[])
-    return OutgoingMessage.objects.filter(still, status__in=OutgoingMessage.WAITING)
+def _by_token(leases: list[Lease]) -> dict[str, list[int]]:
+    by_token: dict[str, list[int]] = {}
+    for lease in leases:
+        by_token.setdefault(lease.token, []).append(lease.row.pk)
+    return by_token
 
 
 def held_of(leases: list[Lease]) -> set[int]:
     """The posts of ``leases`` still held, locked until the caller's transaction ends."""
-    rows = fenced_all(leases)
-    if connection.features.has_select_for_update:
-        rows = rows.select_for_update()
-    return set(rows.values_list("pk", flat=True))
+    return statements.held_of(_by_token(leases), lock=True)
 
 
 def end_all(leases: list[Lease], **fields: Any) -> int:
@@ -200,7 +181,7 @@ def end_all(leases: list[Lease], **fields: Any) -> int:
 
     For posts :func:`held_of` found held in the same transaction (invariant 6).
     """
-    return fenced_all(leases).update(**UNLEASED, **fields)
+    return statements.update_fenced(_by_token(leases), {**UNLEASED, **fields})
 
 
 class Claim:
@@ -249,7 +230,7 @@ class Lease:
     def write(self, **fields: Any) -> int:
         """``fields`` (plain values) on the row while we hold it: :meth:`fenced`'s UPDATE, its
         SQL built once, for a checkpoint; 0 if the post is no longer ours."""
-        return statements.update_fenced(self.row.pk, self.token, fields)
+        return statements.update_fenced({self.token: [self.row.pk]}, fields)
 
     def renew(self, **fields: Any) -> None:
         """Extend the lease, writing ``fields`` in the same fenced UPDATE; :class:`LeaseLost` if gone."""
@@ -340,7 +321,7 @@ class Heartbeat:
         began = time.monotonic()
         try:
             expiry = timezone.now() + timedelta(seconds=self.duration)
-            fenced_all(leases).update(leased_until=expiry)
+            statements.update_fenced(_by_token(leases), {"leased_until": expiry})
         except DatabaseError as error:
             logger.warning("Could not renew the leases of posts sent but not written: %s", error)
             return

@@ -20,6 +20,7 @@ from django.db.models import Model
 from .models import DeliveryHour, Member, OutgoingMessage, OutgoingRecipient
 
 SENT = OutgoingRecipient.Status.SENT
+SENDING = OutgoingMessage.Status.SENDING
 
 
 def mark_sent(ids: Sequence[int], now: datetime) -> int:
@@ -38,18 +39,40 @@ def add_to_hour(hour: datetime, list_id: str, sent: int, bounced: int, failed: i
 
 def held(pk: int, token: str) -> bool:
     """Whether post ``pk`` is still held under the lease ``token``."""
-    sql = _held_sql(connection.vendor)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [pk, token, *OutgoingMessage.WAITING])
-        return cursor.fetchone() is not None
+    return bool(held_of({token: [pk]}))
 
 
-def update_fenced(pk: int, token: str, fields: dict[str, Any]) -> int:
-    """``fields`` (plain values) on post ``pk`` while the lease ``token`` holds it; rows changed."""
+def held_of(leases: dict[str, list[int]], lock: bool = False) -> set[int]:
+    """The posts still held of ``leases`` (token: post ids); with ``lock``, locked until the
+    transaction ends where the database can."""
+    tokens = tuple(len(ids) for ids in leases.values())
+    sql = _held_sql(tokens, lock and connection.features.has_select_for_update, connection.vendor)
+    return {pk for (pk,) in _fetch(sql, _fence_params(leases))}
+
+
+def update_fenced(leases: dict[str, list[int]], fields: dict[str, Any]) -> int:
+    """``fields`` (plain values) on the posts of ``leases`` (token: post ids) still held; rows
+    changed."""
     names = tuple(fields)
-    sql = _fenced_sql(names, connection.vendor)
+    tokens = tuple(len(ids) for ids in leases.values())
+    sql = _fenced_sql(names, tokens, connection.vendor)
     values = [_value(OutgoingMessage, name, fields[name]) for name in names]
-    return _execute(sql, [*values, pk, token, *OutgoingMessage.WAITING])
+    return _execute(sql, [*values, *_fence_params(leases)])
+
+
+def take(ids: Sequence[int], token: str, now: datetime, until: datetime) -> int:
+    """Lease the posts ``ids`` to ``token`` until ``until``, those still free and due at ``now``
+    (another runner may have taken some since they were read); rows taken."""
+    sql = _take_sql(len(ids), connection.vendor)
+    now_value = _value(OutgoingMessage, "sending_since", now)
+    params = [token, _value(OutgoingMessage, "leased_until", until), SENDING, now_value]
+    params += [*ids, now_value, *OutgoingMessage.WAITING, now_value]
+    return _execute(sql, params)
+
+
+def _fence_params(leases: dict[str, list[int]]) -> list[Any]:
+    params: list[Any] = [value for token, ids in leases.items() for value in (*ids, token)]
+    return params + list(OutgoingMessage.WAITING)
 
 
 def add_to_post(pk: int, increments: dict[str, float], fields: dict[str, Any]) -> int:
@@ -110,23 +133,59 @@ def _add_to_hour_sql(vendor: str) -> str:
     )
 
 
-def _fenced(vendor: str) -> str:
+def _not_by_index(column: str, vendor: str) -> str:
+    """``column`` in a condition SQLite must not search an index by (a unary +, its documented
+    way). For rows already known by id: estimating without statistics, SQLite would otherwise
+    read every waiting post through the status index rather than look the few up by id."""
+    return f"+{column}" if vendor == "sqlite" else column
+
+
+def _fenced(tokens: tuple[int, ...], vendor: str) -> str:
+    """The WHERE clause of posts still held: ``tokens`` gives how many post ids each lease has."""
     pk, token, status = _columns(OutgoingMessage, ("id", "lease_token", "status"))
-    return (
-        f"WHERE {pk} = %s AND {token} = %s "
-        f"AND {status} IN ({_placeholders(len(OutgoingMessage.WAITING))})"
-    )
-
-
-@lru_cache(maxsize=4)
-def _held_sql(vendor: str) -> str:
-    return f"SELECT 1 FROM {_table(OutgoingMessage)} {_fenced(vendor)}"
+    leases = " OR ".join(f"({pk} IN ({_placeholders(count)}) AND {token} = %s)" for count in tokens)
+    waiting = _placeholders(len(OutgoingMessage.WAITING))
+    return f"WHERE ({leases or '1 = 0'}) AND {_not_by_index(status, vendor)} IN ({waiting})"
 
 
 @lru_cache(maxsize=64)
-def _fenced_sql(names: tuple[str, ...], vendor: str) -> str:
+def _held_sql(tokens: tuple[int, ...], lock: bool, vendor: str) -> str:
+    pk = _columns(OutgoingMessage, ["id"])[0]
+    sql = f"SELECT {pk} FROM {_table(OutgoingMessage)} {_fenced(tokens, vendor)}"
+    return sql + " FOR UPDATE" if lock else sql
+
+
+@lru_cache(maxsize=64)
+def _fenced_sql(names: tuple[str, ...], tokens: tuple[int, ...], vendor: str) -> str:
     assignments = ", ".join(f"{column} = %s" for column in _columns(OutgoingMessage, names))
-    return f"UPDATE {_table(OutgoingMessage)} SET {assignments} {_fenced(vendor)}"
+    return f"UPDATE {_table(OutgoingMessage)} SET {assignments} {_fenced(tokens, vendor)}"
+
+
+@lru_cache(maxsize=64)
+def _take_sql(count: int, vendor: str) -> str:
+    pk, token, until, attempts, status, since, rate, estimate, shards, due = _columns(
+        OutgoingMessage,
+        (
+            "id",
+            "lease_token",
+            "leased_until",
+            "attempts",
+            "status",
+            "sending_since",
+            "rate",
+            "finish_estimate",
+            "shard_count",
+            "next_attempt_at",
+        ),
+    )
+    return (
+        f"UPDATE {_table(OutgoingMessage)} SET {token} = %s, {until} = %s, "
+        f"{attempts} = {attempts} + 1, {status} = %s, {since} = %s, {rate} = NULL, "
+        f"{estimate} = NULL WHERE {pk} IN ({_placeholders(count)}) AND {shards} = 0 "
+        f"AND ({until} IS NULL OR {until} < %s) "
+        f"AND {_not_by_index(status, vendor)} IN ({_placeholders(len(OutgoingMessage.WAITING))}) "
+        f"AND {due} <= %s"
+    )
 
 
 @lru_cache(maxsize=64)

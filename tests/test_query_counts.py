@@ -68,3 +68,28 @@ def test_the_small_posts_of_a_claim_are_written_together(deliver_to, smtpd, mlis
         queue_post(mlist, first_post)
     assert queries_to_deliver(mlist, first_post) == claim_statements() + 8 + 19
     assert len(smtpd.messages) == 21
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's planner, without statistics")
+def test_the_statements_of_a_claim_find_its_posts_by_id_however_many_wait(
+    deliver_to, smtpd, mlist, first_post
+):
+    """Without statistics SQLite judged the status index cheaper than twenty ids or more, and
+    read every waiting post for each fenced write of a claim: a cost that grew with the queue."""
+    deliver_to(CLAIM_BATCH=50)
+    for _ in range(120):
+        queue_post(mlist, first_post)
+    with CaptureQueriesContext(connection) as captured:
+        assert run().delivered == 120
+    by_ids = [
+        query["sql"]
+        for query in captured.captured_queries
+        if "listdelivery_outgoingmessage" in query["sql"] and '"id" IN (' in query["sql"]
+    ]
+    assert any(sql.startswith("UPDATE") for sql in by_ids)  # the claim and the books' ending
+    assert any(sql.startswith("SELECT") for sql in by_ids)  # which posts are still held
+    with connection.cursor() as cursor:
+        for sql in by_ids:
+            cursor.execute(f"EXPLAIN QUERY PLAN {sql}")
+            plan = " ".join(str(step[-1]) for step in cursor.fetchall())
+            assert "listdelivery_due" not in plan, (sql, plan)
