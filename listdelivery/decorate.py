@@ -378,7 +378,13 @@ def _decoded_body(body: bytes, content: _Content) -> str | None:
         text = raw.decode(content.charset)
     except (LookupError, UnicodeError, ValueError):
         return None
-    return _LINE_END.sub("\n", text)  # as wire.py: stray CRs before a line end are no line
+    return _lf(text)
+
+
+def _lf(text: str) -> str:
+    """``text`` with every line end made LF; as wire.py, stray CRs before a line end are no line."""
+    lf = text.replace("\r\n", "\n")  # what almost every body holds: many times faster
+    return lf if "\r" not in lf else _LINE_END.sub("\n", text)
 
 
 def _around_text(lines, body, content: _Content, header, footer, texts: _Texts) -> bytes | None:

@@ -29,7 +29,7 @@ from django.test import override_settings
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from listdelivery.decorate import Decoration, list_headers
+from listdelivery.decorate import Decoration, _lf, list_headers
 from listdelivery.models import Member, OutgoingMessage, Personalization
 from listdelivery.personalize import PersonalTemplate
 from listdelivery.testing import SMTPTestServer
@@ -334,6 +334,13 @@ def test_plain_fields_read_what_the_email_parser_reads_or_decline(message):
         return  # the parser's to read
     parsed = BytesHeaderParser().parsebytes(message)
     assert fields == {name.lower(): parsed.get(name) for name in reversed(parsed.keys())}
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.text(alphabet="\r\na\u00e9", max_size=30))
+def test_a_body_made_lf_reads_as_every_line_end_the_full_rule_finds(text):
+    """The fast path (CRLF pairs only) gives what the regular expression would."""
+    assert _lf(text) == re.sub(r"\r*\n|\r", "\n", text)
 
 
 # -- through a real runner and SMTP server, fewer examples -----------------------------------------
