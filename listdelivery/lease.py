@@ -225,12 +225,12 @@ class Lease:
     def held(self) -> bool:
         """Whether we still hold the post: :meth:`fenced` as one read, its SQL built once
         (every small post of a claim asks as it starts)."""
-        return statements.held(self.row.pk, self.token)
+        return bool(statements.held_of(_by_token([self])))
 
     def write(self, **fields: Any) -> int:
         """``fields`` (plain values) on the row while we hold it: :meth:`fenced`'s UPDATE, its
         SQL built once, for a checkpoint; 0 if the post is no longer ours."""
-        return statements.update_fenced({self.token: [self.row.pk]}, fields)
+        return statements.update_fenced(_by_token([self]), fields)
 
     def renew(self, **fields: Any) -> None:
         """Extend the lease, writing ``fields`` in the same fenced UPDATE; :class:`LeaseLost` if gone."""

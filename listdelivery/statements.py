@@ -37,11 +37,6 @@ def add_to_hour(hour: datetime, list_id: str, sent: int, bounced: int, failed: i
     return _execute(sql, [sent, bounced, failed, _value(DeliveryHour, "hour", hour), list_id])
 
 
-def held(pk: int, token: str) -> bool:
-    """Whether post ``pk`` is still held under the lease ``token``."""
-    return bool(held_of({token: [pk]}))
-
-
 def held_of(leases: dict[str, list[int]], lock: bool = False) -> set[int]:
     """The posts still held of ``leases`` (token: post ids); with ``lock``, locked until the
     transaction ends where the database can."""
@@ -141,7 +136,8 @@ def _not_by_index(column: str, vendor: str) -> str:
 
 
 def _fenced(tokens: tuple[int, ...], vendor: str) -> str:
-    """The WHERE clause of posts still held: ``tokens`` gives how many post ids each lease has."""
+    """The WHERE clause of posts still held (:meth:`Lease.fenced`'s, which writes with
+    expressions): ``tokens`` gives how many post ids each lease has."""
     pk, token, status = _columns(OutgoingMessage, ("id", "lease_token", "status"))
     leases = " OR ".join(f"({pk} IN ({_placeholders(count)}) AND {token} = %s)" for count in tokens)
     waiting = _placeholders(len(OutgoingMessage.WAITING))
